@@ -1,0 +1,102 @@
+"""Draw images from a trained Two-Stage VAE (Dai & Wipf 2019, Section 4 and reference.md, "Sampling").
+
+    python sample.py --data mnist              # 2-stage: u ~ N(0, I), z = z_hat(u) + gamma_z eps, x = x_hat(z)
+    python sample.py --data mnist --stage 1    # the baseline the paper beats: z ~ N(0, I), x = x_hat(z)
+    python sample.py --data mnist --recon      # x_hat(z), z ~ q(z|x), for test images ('reconstruction FID')
+    python fid.py --data mnist --samples runs/mnist/samples.npy
+
+Writes to --out (default runs/<data>): samples.npy (2-stage), samples_stage1.npy (--stage 1) or
+recon.npy (--recon): float32 (N, C, H, W) in [0, 1], the decoder MEAN (no pixel noise), plus a PNG
+grid of the first 100 beside each.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+import stage1
+import stage2
+from stage1 import DATA_ENV, die, load_checkpoint, save_atomic, save_grid
+
+
+def load_model(path, build, device, what):
+    ckpt = load_checkpoint(path, device)
+    if ckpt is None:
+        die(f"{path} is missing; fix: run `python {what}.py --out {os.path.dirname(path)}` first")
+    model = build(ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+@torch.inference_mode()
+def generate(vae1, vae2, n, batch, device):
+    """n images (n, C, H, W) in [0, 1], batch by batch; vae2 None means one-stage sampling."""
+    kappa = vae1.decoder.net[0].in_features
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        if vae2 is None:
+            z = torch.randn(b, kappa, device=device)                      # z ~ N(0, I)
+        else:
+            u = torch.randn(b, kappa, device=device)                      # u ~ N(0, I)
+            z_hat = vae2.decoder(u)
+            z = z_hat + vae2.loggamma_z.exp() * torch.randn_like(z_hat)   # z ~ p(z|u) = N(z_hat, gamma_z^2 I)
+        out.append(vae1.decoder(z).float().cpu())                         # x = x_hat(z)
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def reconstruct(vae1, images, batch, device):
+    out = []
+    for i in range(0, len(images), batch):
+        mu_z, _, sigma_z = vae1.encoder(images[i:i + batch].to(device).float() / 255)
+        out.append(vae1.decoder(mu_z + sigma_z * torch.randn_like(mu_z)).float().cpu())  # z ~ q(z|x)
+    return torch.cat(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample from a Two-Stage VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="mnist", choices=sorted(stage1.SHAPES), help="data set (picks the default --out)")
+    p.add_argument("--out", default=None, help="run directory holding stage1.pt / stage2.pt (default: runs/<data>)")
+    p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="2: u -> z -> x; 1: z ~ N(0, I) -> x")
+    p.add_argument("--recon", action="store_true", help="reconstruct test images instead of sampling")
+    p.add_argument("--n", type=int, default=10000, help="number of images (the paper's FID uses 10,000)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=stage1.default_device(), help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--data-root", default=os.environ.get(DATA_ENV, "./data"), help=f"for --recon (env {DATA_ENV})")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        die("--n must be at least 1")
+    out = args.out or os.path.join("runs", args.data)
+    torch.manual_seed(args.seed)
+
+    vae1, ck1 = load_model(os.path.join(out, "stage1.pt"), stage1.build_model, args.device, "stage1")
+    if ck1["config"]["data"] != args.data and args.out:
+        die(f"{out}/stage1.pt was trained on {ck1['config']['data']}, not --data {args.data}; fix: pass --data {ck1['config']['data']}")
+    vae2 = None
+    if args.recon:
+        images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)[:args.n]
+        x = reconstruct(vae1, images, args.batch_size, args.device)
+        name = "recon"
+    else:
+        if args.stage == 2:
+            vae2, ck2 = load_model(os.path.join(out, "stage2.pt"), stage2.build_model, args.device, "stage2")
+            mine = {"run_id": ck1["config"]["run_id"], "epoch": ck1["epoch"], "data": ck1["config"]["data"]}
+            if ck2["config"]["latent_dim"] != ck1["config"]["latent_dim"]:
+                die(f"stage2.pt has kappa {ck2['config']['latent_dim']} but stage1.pt has {ck1['config']['latent_dim']}; "
+                    f"fix: re-run `python stage2.py --out {out}` on this stage 1")
+            if ck2["stage1"] != mine:
+                die(f"stage2.pt was fitted to stage-1 run {ck2['stage1']}, not to this stage1.pt {mine}; "
+                    f"fix: re-run `python stage2.py --out {out}` (delete the old stage2.pt first)")
+        x = generate(vae1, vae2, args.n, args.batch_size, args.device)
+        name = "samples" if args.stage == 2 else "samples_stage1"
+    path = os.path.join(out, f"{name}.npy")
+    save_atomic(x.numpy().astype(np.float32), path)
+    save_grid(x[:100], os.path.join(out, f"{name}.png"), nrow=10)
+    print(f"wrote {path} {tuple(x.shape)} and {name}.png", flush=True)
+
+
+if __name__ == "__main__":
+    main()

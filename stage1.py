@@ -1,0 +1,496 @@
+"""Stage 1 of the Two-Stage VAE (Dai & Wipf, "Diagnosing and Enhancing VAE Models", ICLR 2019).
+
+A kappa-simple VAE whose Gaussian decoder learns its own variance gamma (Sections 2-3). The paper
+shows that at the optimum gamma -> 0 (Theorem 3) and the encoder variances split into ~0 for the
+r dimensions the decoder uses and ~1 for the rest (Theorem 4), so the aggregate posterior q(z) is
+NOT N(0, I) and sampling z ~ N(0, I) gives poor images; stage 2 (stage2.py) fixes that.
+
+    python stage1.py --data mnist              # the paper's protocol: 400 epochs, batch 64, Adam 1e-4
+    python stage1.py --data mnist --epochs 20  # a CPU-sized run
+    python stage1.py --data mnist --resume     # continue a killed run from runs/mnist/stage1.pt
+    python stage1.py --bench                   # time the training step (see README, "Speed")
+
+Writes to --out (default runs/<data>): stage1.pt (checkpoint, rewritten atomically every epoch),
+mu_z.npy and sigma_z.npy (the encoder's q(z|x) for the whole training split, n x kappa float32,
+read by stage2.py) and stage1_recon.png (top: data, bottom: reconstructions).
+
+Notation: the authors' code, like ours, keeps gamma_x = exp(loggamma_x) as a STANDARD DEVIATION.
+The paper's gamma (a variance, eqs. 8-9) is gamma_x ** 2.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+DATA_ENV = "TWOSTAGE_DATA"  # environment variable: default --data-root (e.g. a shared offline copy)
+# data set -> (torchvision folder under the root, channels, side length); reference.md, "Data"
+SHAPES = {"mnist": (1, 28), "fashion": (1, 28), "cifar10": (3, 32), "celeba": (3, 64)}
+FOLDERS = {"mnist": "MNIST/raw", "fashion": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py",
+           "celeba": "celeba (img_align_celeba/ and the list_*.txt files)"}
+
+
+def die(msg):
+    """A clear one-line error and a non-zero exit; nothing half-written is left behind."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twostage'}: error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the whole split as one uint8 tensor (N, C, H, W); pixels become x = uint8 / 255 in [0, 1]
+# only inside the training step, as the authors do.
+
+def _celeba(root, train):
+    """The authors' CelebA: crop rows 45:173, cols 25:153 (128x128) of the aligned 178x218 image,
+    then resize to 64x64 bilinearly (their preprocess.py, scipy imresize = PIL bilinear). Decoding
+    160k JPEGs takes minutes, so the result is cached once as .npy beside the images."""
+    from PIL import Image
+    from torchvision.datasets import CelebA
+    split = "train" if train else "test"
+    ds = CelebA(root, split=split, target_type=[], download=False)
+    cache = os.path.join(root, "celeba", f"twostage_crop128_64x64_{split}.npy")
+    if os.path.exists(cache):
+        return np.load(cache)
+    images = np.empty((len(ds.filename), 64, 64, 3), np.uint8)
+    for i, name in enumerate(ds.filename):  # JPEG decoding is per file: no way around a loop here
+        with Image.open(os.path.join(root, "celeba", "img_align_celeba", name)) as im:
+            images[i] = np.asarray(im.convert("RGB").crop((25, 45, 153, 173)).resize((64, 64), Image.BILINEAR))
+    tmp = cache + f".{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, images)
+    os.replace(tmp, cache)
+    return images
+
+
+def _torchvision_images(data, root, train, download):
+    import torchvision.datasets as tvd
+    if data == "celeba":
+        if download:  # torchvision fetches CelebA from Google Drive; then we crop and resize it
+            tvd.CelebA(root, split="train" if train else "test", target_type=[], download=True)
+        return torch.from_numpy(_celeba(root, train)).permute(0, 3, 1, 2)
+    cls = {"mnist": tvd.MNIST, "fashion": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[data]
+    ds = cls(root, train=train, download=download)
+    if data == "cifar10":  # numpy (N, 32, 32, 3)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+    return ds.data.unsqueeze(1)  # MNIST / Fashion: torch uint8 (N, 28, 28) -> (N, 1, 28, 28)
+
+
+def load_images(data, root, train=True):
+    """uint8 tensor (N, C, H, W) of a split, read through torchvision's dataset classes. Local files
+    first; if absent, torchvision's download; if that fails too (offline), one clear error."""
+    if data not in SHAPES:
+        die(f"unknown data set '{data}'; fix: use one of {', '.join(SHAPES)}")
+    try:
+        images = _torchvision_images(data, root, train, download=False)
+    except (RuntimeError, FileNotFoundError):
+        try:
+            images = _torchvision_images(data, root, train, download=True)
+        except Exception as e:  # offline, or a host that is down: say where the files go
+            die(f"{data} is not under --data-root {os.path.abspath(root)} and downloading it failed "
+                f"({type(e).__name__}); fix: put torchvision's files in {os.path.join(root, FOLDERS[data])} "
+                f"or pass --data-root DIR (or set {DATA_ENV}) to a folder that has them")
+    channels, size = SHAPES[data]
+    assert images.shape[1:] == (channels, size, size), images.shape
+    return images.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model. reference.md, "Stage 1": the 'InfoGAN' neutral architecture of Table 1, and the 'WAE'
+# architecture of Table 2. Weights ~ normal(0, 0.02), biases 0, as in the authors' util.py.
+
+def init(layer):
+    nn.init.normal_(layer.weight, 0.0, 0.02)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def bn(features, dims=2):
+    # TF moving-average decay 0.999 == PyTorch momentum 0.001; eps 1e-5 (authors' util.batch_norm)
+    return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(features, eps=1e-5, momentum=0.001)
+
+
+def sn(layer):
+    # Spectral normalisation with one power iteration per training step on every encoder layer,
+    # as the authors' code does (it keeps the encoder Lipschitz; the decoder has none).
+    return spectral_norm(init(layer), n_power_iterations=1)
+
+
+class InfoganEncoder(nn.Module):
+    """q(z|x) = N(mu_z, diag(sigma_z^2)); S = 28, 32 or 64."""
+
+    def __init__(self, channels, size, latent_dim):
+        super().__init__()
+        s4 = size // 4
+        self.net = nn.Sequential(
+            sn(nn.Conv2d(channels, 64, 4, 2, 1)), nn.LeakyReLU(0.2),                   # (B, 64, S/2, S/2)
+            sn(nn.Conv2d(64, 128, 4, 2, 1)), bn(128), nn.LeakyReLU(0.2),               # (B, 128, S/4, S/4)
+            nn.Flatten(),                                                              # (B, 128 S/4 S/4)
+            sn(nn.Linear(128 * s4 * s4, 1024)), bn(1024, dims=1), nn.LeakyReLU(0.2),   # (B, 1024)
+            sn(nn.Linear(1024, 2 * latent_dim)),                                       # (B, 2 kappa)
+        )
+
+    def forward(self, x):
+        mu_z, s = self.net(x).chunk(2, dim=1)
+        sigma_z = 1e-6 + F.softplus(s)  # authors' code: keeps sigma_z > 0 without an exp that overflows
+        return mu_z, sigma_z.log(), sigma_z
+
+
+class InfoganDecoder(nn.Module):
+    """x_hat(z) in [0, 1]: the mean of p(x|z) (or the Bernoulli probabilities)."""
+
+    def __init__(self, channels, size, latent_dim):
+        super().__init__()
+        s4 = size // 4
+        self.net = nn.Sequential(
+            init(nn.Linear(latent_dim, 1024)), bn(1024, dims=1), nn.ReLU(),            # (B, 1024)
+            init(nn.Linear(1024, 128 * s4 * s4)), bn(128 * s4 * s4, dims=1), nn.ReLU(),
+            nn.Unflatten(1, (128, s4, s4)),                                            # (B, 128, S/4, S/4)
+            init(nn.ConvTranspose2d(128, 64, 4, 2, 1)), bn(64), nn.ReLU(),             # (B, 64, S/2, S/2)
+            init(nn.ConvTranspose2d(64, channels, 4, 2, 1)), nn.Sigmoid(),             # (B, C, S, S)
+        )
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class WaeEncoder(nn.Module):
+    """Table 2's architecture (64x64 RGB only). As in the authors' code: no spectral norm, and
+    sigma = exp(log sigma). PyTorch pads 5x5/2 convs symmetrically (2, 2) where TF 'same' pads (1, 2)."""
+
+    def __init__(self, channels, size, latent_dim):
+        super().__init__()
+        def block(i, o, stride):
+            return [init(nn.Conv2d(i, o, 5, stride, 2)), bn(o), nn.ReLU()]
+        self.net = nn.Sequential(
+            *block(channels, 128, 1),   # (B, 128, 64, 64)
+            *block(128, 256, 2),        # (B, 256, 32, 32)
+            *block(256, 512, 2),        # (B, 512, 16, 16)
+            *block(512, 1024, 2),       # (B, 1024, 8, 8)
+            nn.Flatten(),               # (B, 65536)
+            init(nn.Linear(1024 * 8 * 8, 2 * latent_dim)),  # (B, 2 kappa): mu_z and log sigma_z
+        )
+
+    def forward(self, x):
+        mu_z, log_sigma_z = self.net(x).chunk(2, dim=1)
+        return mu_z, log_sigma_z, log_sigma_z.exp()
+
+
+class WaeDecoder(nn.Module):
+    def __init__(self, channels, size, latent_dim):
+        super().__init__()
+        def block(i, o):
+            return [init(nn.ConvTranspose2d(i, o, 5, 2, 2, output_padding=1)), bn(o), nn.ReLU()]
+        self.net = nn.Sequential(
+            init(nn.Linear(latent_dim, 1024 * 8 * 8)), nn.ReLU(),  # no BN here in the authors' code
+            nn.Unflatten(1, (1024, 8, 8)),                         # (B, 1024, 8, 8)
+            *block(1024, 512),                                     # (B, 512, 16, 16)
+            *block(512, 256),                                      # (B, 256, 32, 32)
+            *block(256, 128),                                      # (B, 128, 64, 64)
+            init(nn.ConvTranspose2d(128, channels, 5, 1, 2)), nn.Sigmoid(),  # (B, 3, 64, 64)
+        )
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VAE(nn.Module):
+    """Encoder, decoder and the decoder's scalar log standard deviation loggamma_x (init 0, no clamp:
+    Theorem 3 says it should be free to go to -infinity)."""
+
+    def __init__(self, arch="infogan", channels=1, size=28, latent_dim=64, loss="learned-gamma"):
+        super().__init__()
+        if arch == "wae" and (channels, size) != (3, 64):
+            die(f"--arch wae is defined for 64x64 RGB images (celeba), not {channels}x{size}x{size}; fix: use --arch infogan")
+        enc, dec = {"infogan": (InfoganEncoder, InfoganDecoder), "wae": (WaeEncoder, WaeDecoder)}[arch]
+        self.encoder = enc(channels, size, latent_dim)
+        self.decoder = dec(channels, size, latent_dim)
+        # fixed-gamma and cross-entropy baselines (Table 1) keep it at 0 and do not train it
+        self.loggamma_x = nn.Parameter(torch.zeros(()), requires_grad=(loss == "learned-gamma"))
+
+
+def build_model(config):
+    channels, size = SHAPES[config["data"]]
+    return VAE(config["arch"], channels, size, config["latent_dim"], config["loss"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: the negative ELBO of eq. (2), per image summed over pixels / latent dims, then averaged
+# over the batch, exactly as the authors' code (reference.md, "Loss per image").
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_nll(x, x_hat, loggamma):
+    """-log N(x | x_hat, gamma^2 I) per example, gamma = exp(loggamma) a standard deviation.
+    eq. (8) in the paper's variance notation: ||x - x_hat||^2 / (2 gamma) + d/2 log(2 pi gamma).
+    It is unbounded below as gamma -> 0, so a negative loss is expected (Theorem 3)."""
+    d = x[0].numel()
+    sq = (x - x_hat).square().flatten(1).sum(1)
+    return sq * torch.exp(-2 * loggamma) / 2 + d * (loggamma + HALF_LOG_2PI)
+
+
+def bernoulli_nll(x, x_hat):
+    """Cross-entropy decoder of Table 1's last VAE row; logs clamped at 1e-8 as in the authors' code."""
+    eps = 1e-8
+    return -(x * x_hat.clamp_min(eps).log() + (1 - x) * (1 - x_hat).clamp_min(eps).log()).flatten(1).sum(1)
+
+
+def kl_standard_normal(mu, log_sigma):
+    """KL[N(mu, diag sigma^2) || N(0, I)] per example: the second term of eq. (2); 2x it is eq. (9)'s
+    trace[Sigma_z] + ||mu_z||^2 - log|Sigma_z| - kappa. Written with log sigma, as the authors do;
+    a log-variance parameterisation gives the same number."""
+    return ((mu.square() + torch.exp(2 * log_sigma) - 2 * log_sigma - 1) / 2).sum(1)
+
+
+def stage1_loss(model, x, loss):
+    """(loss, rec, kl) for a float batch x in [0, 1]; rec and kl are batch means."""
+    mu_z, log_sigma_z, sigma_z = model.encoder(x)
+    z = mu_z + sigma_z * torch.randn_like(mu_z)  # reparameterisation: one z per image
+    x_hat = model.decoder(z)
+    if loss == "cross-entropy":
+        rec = bernoulli_nll(x, x_hat).mean()
+    else:  # learned-gamma, or fixed-gamma where loggamma_x stays 0 (gamma = 1)
+        rec = gaussian_nll(x, x_hat, model.loggamma_x).mean()
+    kl = kl_standard_normal(mu_z, log_sigma_z).mean()
+    return rec + kl, rec, kl
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop, shared with stage2.py: a fresh permutation per epoch, the last partial batch
+# dropped, the lr halved every --lr-epochs epochs, one log line and one atomic checkpoint per epoch.
+
+def lr_at(epoch, lr, lr_epochs):
+    return lr * 0.5 ** (epoch // lr_epochs)  # authors' demo.py: halve every 150 (stage 1) / 300 (stage 2)
+
+
+def make_optimizer(model, lr):
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused Adam: one kernel over all parameters instead of a Python loop per tensor (CPU and CUDA)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """Write to a temporary name, then rename: a kill mid-write never leaves a broken file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if isinstance(obj, np.ndarray):
+        with open(tmp, "wb") as f:
+            np.save(f, obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def versions():
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def fit(model, opt, ckpt, n, step, path, loggamma_name, snapshots=()):
+    """Train from ckpt['epoch'] to ckpt['config']['epochs']. step(idx) -> (loss, rec, kl) on the
+    examples idx. Losses are summed on the device and read once per epoch (no per-step host sync)."""
+    cfg = ckpt["config"]
+    device = next(model.parameters()).device
+    loggamma = getattr(model, loggamma_name)
+    batch, steps = cfg["batch_size"], n // cfg["batch_size"]
+    if steps == 0:
+        die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size or raise --limit")
+    for epoch in range(ckpt["epoch"], cfg["epochs"]):
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, cfg["lr"], cfg["lr_epochs"])
+        model.train()
+        totals = torch.zeros(3, device=device)
+        perm = torch.randperm(n, device=device)
+        for i in range(steps):
+            loss, rec, kl = step(perm[i * batch:(i + 1) * batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            totals += torch.stack([loss.detach(), rec.detach(), kl.detach()])
+        loss, rec, kl = (totals / steps).tolist()  # the one host sync of the epoch
+        if not all(math.isfinite(v) for v in (loss, rec, kl)) or not torch.isfinite(loggamma).item():
+            die(f"training diverged in epoch {epoch + 1} (loss {loss}, {loggamma_name} {loggamma.item()}); "
+                f"{path} still holds epoch {ckpt['epoch']}; fix: lower --lr, or --resume with another --seed")
+        seconds = time.time() - t0
+        ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
+                                loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
+        ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
+        save_atomic(ckpt, path)
+        if epoch + 1 in snapshots:  # kept copies for the budget curve (README, "Reproduction")
+            shutil.copyfile(path, path.replace(".pt", f"_e{epoch + 1:04d}.pt"))
+        eta = seconds * (cfg["epochs"] - epoch - 1)
+        print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
+              f"{loggamma_name} {loggamma.item():.4f} | {steps * batch / seconds:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
+
+
+def load_checkpoint(path, device):
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        die(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); fix: delete it and start again without --resume")
+
+
+def restore(ckpt, model, opt):
+    """Model, optimiser and RNG exactly as they were after ckpt['epoch'] epochs: a resumed CPU run
+    ends with the same parameters as an uninterrupted one (test_smoke.py checks it)."""
+    if ckpt["epoch"] > 0:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed at epoch {ckpt['epoch']}", flush=True)
+
+
+def common_flags(p, epochs, lr_epochs):
+    """Flags both stages share; defaults are the authors' (reference.md)."""
+    p.add_argument("--data", default="mnist", choices=sorted(SHAPES), help="data set (default: mnist)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
+    p.add_argument("--epochs", type=int, default=None, help=f"total epochs (default: {epochs}, the paper's; on --resume: the checkpoint's)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4, the authors')")
+    p.add_argument("--lr-epochs", type=int, default=lr_epochs, help=f"halve the lr every this many epochs (default: {lr_epochs}, the authors')")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64, the authors')")
+    p.add_argument("--seed", type=int, default=0, help="random seed; a CPU run with the same seed is repeatable (default: 0)")
+    p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--snapshots", default="", help="comma-separated epochs at which to keep a copy of the checkpoint (default: none)")
+    p.add_argument("--bench", action="store_true", help="time the training step against the plain one and the machine's floor, then exit")
+
+
+def start_or_resume(args, path, defaults_epochs):
+    """The checkpoint dict to train from: a fresh one, or the one in --out when --resume."""
+    ckpt = load_checkpoint(path, args.device) if args.resume else None
+    if args.resume and ckpt is None:
+        die(f"--resume: no checkpoint at {path}; fix: run without --resume to start, or pass the right --out")
+    if ckpt is None:
+        if os.path.exists(path):
+            die(f"{path} exists; fix: pass --resume to continue it, or another --out (or delete it) to start afresh")
+        config = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "device")}
+        config["epochs"] = args.epochs if args.epochs is not None else defaults_epochs
+        config["run_id"] = uuid.uuid4().hex  # lets stage 2 and sampling check they belong to this run
+        ckpt = {"config": config, "epoch": 0, "history": [], "versions": versions()}
+    elif args.epochs is not None:
+        ckpt["config"]["epochs"] = args.epochs  # extending a run: the lr schedule depends on the epoch only
+    if ckpt["config"]["epochs"] < 1:
+        die("--epochs must be at least 1")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# After training: encode the whole training split with BN in evaluation mode (reference.md,
+# "Between the stages") and save q(z|x) = N(mu_z, sigma_z^2) for stage 2.
+
+@torch.inference_mode()
+def encode(model, images, batch=1000):
+    model.eval()
+    device = next(model.parameters()).device
+    mus, sigmas = [], []
+    for i in range(0, len(images), batch):
+        mu_z, _, sigma_z = model.encoder(images[i:i + batch].to(device).float() / 255)
+        mus.append(mu_z.float().cpu())
+        sigmas.append(sigma_z.float().cpu())
+    return torch.cat(mus).numpy(), torch.cat(sigmas).numpy()
+
+
+def save_grid(images, path, nrow=16):
+    """images: float (N, C, H, W) in [0, 1]; written to a temporary name, then renamed."""
+    from torchvision.utils import save_image
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    save_image(images.float().cpu(), tmp, nrow=nrow, padding=1)
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def save_reconstructions(model, images, path, n=16):
+    model.eval()
+    x = images[:n].to(next(model.parameters()).device).float() / 255
+    mu_z, _, sigma_z = model.encoder(x)
+    x_hat = model.decoder(mu_z + sigma_z * torch.randn_like(mu_z))  # x_hat(z), z ~ q(z|x)
+    save_grid(torch.cat([x, x_hat]), path, nrow=n)
+
+
+def bench_stage1(args):
+    die("--bench: not implemented yet")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 1: the learned-gamma VAE (Dai & Wipf 2019).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common_flags(p, epochs=400, lr_epochs=150)
+    p.add_argument("--data-root", default=os.environ.get(DATA_ENV, "./data"),
+                   help=f"torchvision data root; files are downloaded there if absent (env {DATA_ENV})")
+    p.add_argument("--arch", default="infogan", choices=["infogan", "wae"],
+                   help="'infogan': Table 1's neutral architecture; 'wae': Table 2's (celeba only)")
+    p.add_argument("--loss", default="learned-gamma", choices=["learned-gamma", "fixed-gamma", "cross-entropy"],
+                   help="decoder likelihood: Table 1's rows 'VAE learned gamma', 'fixed gamma', 'cross-entropy'")
+    p.add_argument("--latent-dim", type=int, default=64, help="kappa, the latent size (the paper: 64 for every data set)")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N training images only (0: all)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench:
+        return bench_stage1(args)
+    out = args.out or os.path.join("runs", args.data)
+    path = os.path.join(out, "stage1.pt")
+    ckpt = start_or_resume(args, path, defaults_epochs=400)
+    cfg = ckpt["config"]
+    torch.manual_seed(cfg["seed"])
+
+    images = load_images(cfg["data"], args.data_root, train=True)
+    if cfg["limit"]:
+        images = images[:cfg["limit"]]
+    images = images.to(args.device)  # the whole split on the device as uint8: 47 MB for MNIST
+    print(f"stage 1 | {cfg['data']} {tuple(images.shape)} | {cfg['arch']} | {cfg['loss']} | kappa {cfg['latent_dim']} | "
+          f"{cfg['epochs']} epochs | device {args.device} | out {out}", flush=True)
+
+    model = build_model(cfg).to(args.device)
+    opt = make_optimizer(model, cfg["lr"])
+    restore(ckpt, model, opt)
+    os.makedirs(out, exist_ok=True)
+
+    def step(idx):
+        return stage1_loss(model, images[idx].float() / 255, cfg["loss"])
+
+    snapshots = {int(e) for e in cfg["snapshots"].split(",") if e.strip()}
+    fit(model, opt, ckpt, len(images), step, path, "loggamma_x", snapshots)
+
+    mu_z, sigma_z = encode(model, images)
+    save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
+    save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
+    save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
+    summary = {"epoch": ckpt["epoch"], "loggamma_x": model.loggamma_x.item(), "run_id": cfg["run_id"],
+               "active_dims(mean sigma_z^2 < 0.5)": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}
+    print("done | " + json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""Smoke and correctness tests of twostage-vae: the real scripts run as a user runs them (tiny
+settings, CPU, no network), the losses against closed forms, the data loaders on fake copies of
+each data set in torchvision's on-disk layout, and fid.py against independent reference values
+(../shared/fid/fixture.npz).  Run:  pytest -q test_smoke.py   (about N minutes on 2 CPU cores)."""
+import gzip
+import json
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
+sys.path.insert(0, str(HERE))
+import fid  # noqa: E402
+import sample  # noqa: E402
+import stage1  # noqa: E402
+import stage2  # noqa: E402
+
+DATA_ROOT = SHARED / "datasets"  # MNIST only, torchvision layout
+FID_WEIGHTS = SHARED / "fid" / "pt_inception-2015-12-05.pth"
+FID_FIXTURE = SHARED / "fid" / "fixture.npz"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(path):
+    """A file from ../shared: missing is a FAILURE under CI (CI=true), a skip elsewhere."""
+    if not Path(path).exists():
+        if IN_CI:
+            pytest.fail(f"missing shared file {path}")
+        pytest.skip(f"missing shared file {path}")
+    return path
+
+
+def run(script, *args, cwd=HERE, check=True, timeout=600):
+    r = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{script} {args} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# fake data sets in torchvision's on-disk layout
+
+def write_idx(path, array):
+    """An MNIST-style idx file: magic (0, 0, ubyte=8, ndim), big-endian int32 dims, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    Path(path).write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def fake_mnist(root, folder="MNIST", n=256):
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:28, :28]
+    for split, m in (("train", n), ("t10k", 64)):
+        # blobs at random places: structured enough for a VAE to learn something in an epoch
+        cy, cx = rng.integers(6, 22, (2, m, 1, 1))
+        images = 255 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 12.0)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, m))
+    return root
+
+
+def mnist_root(tmp_path):
+    """The real MNIST from ../shared when present (always under CI), else a tiny synthetic one."""
+    if (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() or IN_CI:
+        return need(DATA_ROOT)
+    return fake_mnist(tmp_path / "synthetic")
+
+
+def test_fashion_loader_on_fake_copy(tmp_path):
+    fake_mnist(tmp_path, folder="FashionMNIST", n=10)
+    x = stage1.load_images("fashion", str(tmp_path), train=True)
+    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.uint8 and x.max() > 200
+
+
+def test_cifar10_loader_on_fake_copy(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = rng.integers(0, 256, (3, 3 * 32 * 32), dtype=np.uint8)  # rows: R plane, G, B
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": batches[name], "labels": [0, 1, 2]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)  # the fakes have other md5s
+    x = stage1.load_images("cifar10", str(tmp_path), train=True)
+    assert x.shape == (15, 3, 32, 32) and x.dtype == torch.uint8
+    first = batches["data_batch_1"][0].reshape(3, 32, 32)  # CHW planes, as CIFAR stores them
+    assert torch.equal(x[0], torch.from_numpy(first))
+    assert stage1.load_images("cifar10", str(tmp_path), train=False).shape == (3, 3, 32, 32)
+
+
+def test_celeba_loader_crops_and_resizes_like_the_authors(tmp_path, monkeypatch):
+    from PIL import Image
+    import torchvision.datasets.celeba as celeba
+    base = tmp_path / "celeba"
+    (base / "img_align_celeba").mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, 7)]
+    for i, name in enumerate(names):
+        img = np.zeros((218, 178, 3), np.uint8)             # aligned CelebA: 178 wide, 218 high
+        img[45:173, 25:153] = (40 * i, 100, 200)           # the authors' crop: rows 45:173, cols 25:153
+        img[45:173, 25:26] = 0                             # a dark first column inside the crop
+        Image.fromarray(img).save(base / "img_align_celeba" / name, format="PNG")  # lossless, .jpg name
+    partition = [0, 0, 0, 1, 2, 2]
+    (base / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partition)))
+    (base / "identity_CelebA.txt").write_text("".join(f"{n} 1\n" for n in names))
+    (base / "list_bbox_celeba.txt").write_text("6\nimage_id x_1 y_1 width height\n" + "".join(f"{n} 1 2 3 4\n" for n in names))
+    (base / "list_landmarks_align_celeba.txt").write_text("6\n" + " ".join(f"p{i}" for i in range(10)) + "\n"
+                                                          + "".join(f"{n}" + " 1" * 10 + "\n" for n in names))
+    (base / "list_attr_celeba.txt").write_text("6\n" + " ".join(f"a{i}" for i in range(40)) + "\n"
+                                               + "".join(f"{n}" + " -1" * 40 + "\n" for n in names))
+    monkeypatch.setattr(celeba, "check_integrity", lambda *a, **k: True)  # the fakes have other md5s
+    x = stage1.load_images("celeba", str(tmp_path), train=True)
+    assert x.shape == (3, 3, 64, 64) and x.dtype == torch.uint8
+    # the crop keeps only the coloured square: its colour everywhere but the edge column
+    assert torch.equal(x[1, :, :, 2:], torch.tensor([40, 100, 200], dtype=torch.uint8)[:, None, None].expand(3, 64, 62))
+    assert x[1, 0, :, 0].float().mean() < 30  # the dark column survives the 2x bilinear resize
+    assert (base / "twostage_crop128_64x64_train.npy").exists()  # decoded once, then cached
+    assert stage1.load_images("celeba", str(tmp_path), train=False).shape == (2, 3, 64, 64)
+
+
+def test_missing_data_offline_is_one_clear_error(tmp_path):
+    r = run("stage1.py", "--data", "fashion", "--data-root", tmp_path / "nothing", "--out", tmp_path / "run",
+            "--epochs", 1, cwd=tmp_path, check=False, timeout=300)
+    if "Downloading" in r.stdout and r.returncode == 0:
+        pytest.skip("this machine is online: torchvision downloaded Fashion-MNIST")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert "FashionMNIST/raw" in lines[0] and "--data-root" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the losses against closed forms
+
+def test_losses_match_closed_forms():
+    torch.manual_seed(0)
+    x, x_hat = torch.rand(5, 1, 4, 4), torch.rand(5, 1, 4, 4)
+    loggamma = torch.tensor(-0.7)
+    # -log N(x | x_hat, gamma^2 I), gamma = exp(loggamma) a standard deviation
+    expected = -torch.distributions.Normal(x_hat, loggamma.exp()).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(stage1.gaussian_nll(x, x_hat, loggamma), expected)
+    # at gamma = 1 and x = x_hat it is d/2 log(2 pi)
+    torch.testing.assert_close(stage1.gaussian_nll(x, x, torch.tensor(0.0)), torch.full((5,), 8 * math.log(2 * math.pi)))
+    mu, log_sigma = torch.randn(5, 3), torch.randn(5, 3) * 0.5
+    q = torch.distributions.Normal(mu, log_sigma.exp())
+    p = torch.distributions.Normal(torch.zeros(3), torch.ones(3))
+    torch.testing.assert_close(stage1.kl_standard_normal(mu, log_sigma), torch.distributions.kl_divergence(q, p).sum(1))
+    assert torch.all(stage1.kl_standard_normal(torch.zeros(2, 3), torch.zeros(2, 3)) == 0)
+    b = torch.distributions.Bernoulli(probs=x_hat, validate_args=False)  # continuous x in [0, 1]
+    torch.testing.assert_close(stage1.bernoulli_nll(x, x_hat), -b.log_prob(x).flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("data", ["mnist", "cifar10", "celeba"])
+def test_model_shapes(data):
+    torch.manual_seed(0)
+    c, s = stage1.SHAPES[data]
+    archs = ["infogan", "wae"] if data == "celeba" else ["infogan"]
+    for arch in archs:
+        vae = stage1.VAE(arch, c, s, latent_dim=8)
+        mu, log_sigma, sigma = vae.encoder(torch.rand(4, c, s, s))
+        assert mu.shape == sigma.shape == (4, 8) and torch.all(sigma > 0)
+        torch.testing.assert_close(log_sigma.exp(), sigma)
+        x_hat = vae.decoder(mu)
+        assert x_hat.shape == (4, c, s, s) and 0 <= x_hat.min() and x_hat.max() <= 1
+    with pytest.raises(SystemExit, match="64x64 RGB"):
+        stage1.VAE("wae", 1, 28)
+
+
+def test_diverging_training_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    model.loggamma_x = torch.nn.Parameter(torch.zeros(()))
+    opt = torch.optim.Adam(model.parameters())
+    ckpt = {"config": {"batch_size": 2, "epochs": 3, "lr": 1e-4, "lr_epochs": 150}, "epoch": 0, "history": []}
+    path = str(tmp_path / "stage1.pt")
+    calls = []
+
+    def step(idx):
+        calls.append(1)
+        loss = model(torch.ones(2, 2)).sum() * (float("nan") if len(calls) > 2 else 1.0)  # NaN in epoch 2
+        return loss, loss, loss
+    with pytest.raises(SystemExit, match="diverged in epoch 2"):
+        stage1.fit(model, opt, ckpt, 4, step, path, "loggamma_x")
+    assert torch.load(path, weights_only=False)["epoch"] == 1  # epoch 1's checkpoint, untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# the three scripts, as a user runs them
+
+TINY1 = ["--limit", 256, "--batch-size", 32, "--latent-dim", 8, "--seed", 1]
+TINY2 = ["--batch-size", 32, "--width", 32, "--seed", 1]
+
+
+def state(path):
+    return torch.load(path, weights_only=False)
+
+
+def test_pipeline_stage1_stage2_sample(tmp_path):
+    root, run_dir = mnist_root(tmp_path), tmp_path / "run"
+    r = run("stage1.py", "--data", "mnist", "--data-root", root, "--out", run_dir, "--epochs", 2, *TINY1)
+    assert re.search(r"epoch 2/2 \| loss \S+ \| rec \S+ \| kl \S+ \| loggamma_x -?\d\.\d+ \| \d+ img/s \| ETA", r.stdout), r.stdout
+    ck = state(run_dir / "stage1.pt")
+    assert ck["epoch"] == 2 and ck["config"]["latent_dim"] == 8 and len(ck["history"]) == 2
+    # Adam moves loggamma_x by about lr = 1e-4 per step, down (gamma -> 0, Theorem 3): 16 steps
+    assert -16e-4 * 1.1 < ck["model"]["loggamma_x"].item() < -8e-4
+    assert [h["loggamma_x"] for h in ck["history"]][1] < ck["history"][0]["loggamma_x"] < 0
+    mu_z, sigma_z = np.load(run_dir / "mu_z.npy"), np.load(run_dir / "sigma_z.npy")
+    assert mu_z.shape == sigma_z.shape == (256, 8) and mu_z.dtype == sigma_z.dtype == np.float32
+    assert np.isfinite(mu_z).all() and (sigma_z > 0).all()
+    assert (run_dir / "stage1_recon.png").stat().st_size > 0
+
+    run("stage2.py", "--data", "mnist", "--out", run_dir, "--epochs", 2, *TINY2)  # loggamma_z is learned too
+    ck2 = state(run_dir / "stage2.pt")
+    assert ck2["stage1"] == {"run_id": ck["config"]["run_id"], "epoch": 2, "data": "mnist"}
+    assert ck2["model"]["loggamma_z"].item() != 0 and np.isfinite(ck2["history"][-1]["loss"])
+
+    for flags, name in ((["--stage", 2], "samples"), (["--stage", 1], "samples_stage1"),
+                        (["--recon", "--data-root", root], "recon")):
+        run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16, *flags)
+        x = np.load(run_dir / f"{name}.npy")
+        assert x.shape == (30, 1, 28, 28) and x.dtype == np.float32 and np.isfinite(x).all()
+        assert 0 <= x.min() and x.max() <= 1 and x.std() > 0
+        assert (run_dir / f"{name}.png").stat().st_size > 0
+        fid.as_nchw(x)  # what sample.py writes, fid.py accepts
+
+    # stage 1 trained on: stage2.pt no longer fits it, and sampling says so
+    run("stage1.py", "--out", run_dir, "--resume", "--epochs", 3, "--data-root", root)
+    r = run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 4, check=False)
+    assert r.returncode != 0 and "stage2.py --out" in r.stderr.strip().splitlines()[-1]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    root = mnist_root(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("stage1.py", "--data-root", root, "--out", a, "--epochs", 2, *TINY1)
+    run("stage1.py", "--data-root", root, "--out", b, "--epochs", 1, *TINY1)
+    run("stage1.py", "--data-root", root, "--out", b, "--epochs", 2, "--resume")
+    sa, sb = state(a / "stage1.pt"), state(b / "stage1.pt")
+    assert sa["model"].keys() == sb["model"].keys()
+    for k in sa["model"]:  # parameters, BN statistics and spectral-norm vectors, bit for bit
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert np.array_equal(np.load(a / "mu_z.npy"), np.load(b / "mu_z.npy"))
+    # stage 2 likewise, each on its own (identical) latents
+    run("stage2.py", "--out", a, "--epochs", 2, *TINY2)
+    run("stage2.py", "--out", b, "--epochs", 1, *TINY2)
+    run("stage2.py", "--out", b, "--epochs", 2, "--resume")
+    sa, sb = state(a / "stage2.pt"), state(b / "stage2.pt")
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_stage2_refuses_bad_latents(tmp_path):
+    root, run_dir = mnist_root(tmp_path), tmp_path / "run"
+    r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
+    assert r.returncode != 0 and "stage1.pt is missing" in r.stderr and "python stage1.py" in r.stderr
+    run("stage1.py", "--data-root", root, "--out", run_dir, "--epochs", 1, *TINY1)
+    good = np.load(run_dir / "sigma_z.npy")
+    for bad, msg in ((good[:, :4], "do not match"), (np.where(good > good.mean(), np.nan, good), "NaN"),
+                     (-good, "sigma_z <= 0"), (good[0], "expected float (n, kappa)")):
+        np.save(run_dir / "sigma_z.npy", bad)
+        r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
+        line = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and msg in line and "python stage1.py" in line, r.stderr
+        assert not (run_dir / "stage2.pt").exists()
+    (run_dir / "mu_z.npy").unlink()
+    r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
+    assert r.returncode != 0 and "mu_z.npy is missing" in r.stderr
+
+
+def test_help_lists_every_flag_with_its_default():
+    for script, flags in (("stage1.py", ["--epochs", "--lr-epochs", "--loss", "--arch", "--latent-dim", "--data-root"]),
+                          ("stage2.py", ["--epochs", "--lr-epochs", "--width", "--depth"]),
+                          ("sample.py", ["--stage", "--recon", "--n"]), ("fid.py", ["--authors-minmax", "--inception"])):
+        out = run(script, "--help").stdout
+        for flag in flags + ["--device"]:
+            assert flag in out, (script, flag)
+        assert "default" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# fid.py: against independent reference values (../shared/fid/fixture.npz), closed forms, the CLI
+
+FID_PY = HERE / "fid.py"
+
+
+@pytest.fixture(scope="module")
+def fid_fixture():
+    with np.load(need(FID_FIXTURE)) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def inception():  # loaded once per module: 87 MB
+    return fid.load_inception(need(FID_WEIGHTS))
+
+
+def mnist_digits(n):
+    need(DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    return fid.load_reference_images("mnist", "test", str(DATA_ROOT))[:n, :, :, 0]  # (n, 28, 28) uint8
+
+
+def run_cli(*args, cwd, env=None):
+    return subprocess.run([sys.executable, str(FID_PY), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_fid_features_match_reference_network(inception, fid_fixture):
+    ours = fid.features(fid_fixture["mnist_u8"], inception, batch_size=16, progress=False)  # uint8 path
+    assert ours.shape == (32, 2048) and ours.dtype == np.float32
+    assert np.abs(ours - fid_fixture["mnist_pool3"]).max() < 1e-4
+    # rand_f32 is float on the 0..255 scale: straight into the resize path, not the [0, 1] validator
+    x = torch.from_numpy(fid_fixture["rand_f32"]).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        ours = inception(fid.inception_input(x)).numpy()
+    assert np.abs(ours - fid_fixture["rand_pool3"]).max() < 1e-4
+
+
+def test_fid_tf_legacy_resize_matches_tensorflow(fid_fixture):
+    grey = torch.from_numpy(fid_fixture["mnist_u8"][:4]).float()[:, None]         # (4, 1, 28, 28)
+    ours = fid.tf_legacy_resize(grey).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - fid_fixture["mnist_resized"]).max() < 1e-3
+    rgb = torch.from_numpy(fid_fixture["rand_f32"][:2]).permute(0, 3, 1, 2)      # (2, 3, 32, 32)
+    ours = fid.tf_legacy_resize(rgb).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - fid_fixture["rand_resized"]).max() < 1e-3
+    # the reason for the custom resize: torch's half-pixel-centre bilinear is far from TF's legacy one
+    half = torch.nn.functional.interpolate(grey, size=(299, 299), mode="bilinear", align_corners=False)
+    assert np.abs(half.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy() - fid_fixture["mnist_resized"]).max() > 50
+
+
+def test_fid_frechet_matches_ttur_formula(fid_fixture):
+    a, b = fid_fixture["feat_a"], fid_fixture["feat_b"]
+    ab = fid.frechet_distance(*fid.statistics(a), *fid.statistics(b))
+    assert abs(ab / fid_fixture["fid_ab"] - 1) < 1e-6
+    aa = fid.frechet_distance(*fid.statistics(a[:2500]), *fid.statistics(a[2500:]))
+    assert abs(aa / fid_fixture["fid_aa_half"] - 1) < 1e-6
+    ba = fid.frechet_distance(*fid.statistics(b), *fid.statistics(a))  # tr sqrt(S1 S2) = tr sqrt(S2 S1)
+    assert abs(ba / ab - 1) < 1e-9
+
+
+def test_fid_analytic_cases():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)) @ rng.normal(size=(16, 16))
+    mu, sigma = fid.statistics(x)
+    assert mu.dtype == sigma.dtype == np.float64
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)     # FID(X, X) = 0
+    shift = rng.normal(size=16)
+    mu2, sigma2 = fid.statistics(x + shift)                                              # same covariance
+    assert np.isclose(fid.frechet_distance(mu, sigma, mu2, sigma2), shift @ shift, rtol=1e-8)
+    # fewer images than dimensions (rank-deficient covariances, as with a handful of images): finite, ~0
+    few = rng.normal(size=(8, 64))
+    m, s = fid.statistics(few)
+    d = fid.frechet_distance(m, s, m, s)
+    assert np.isfinite(d) and abs(d) < 1e-4 * np.trace(s)
+    with pytest.raises(ValueError, match="mismatched"):
+        fid.frechet_distance(mu, sigma, m, s)
+
+
+def test_fid_input_validation(tmp_path):
+    u8 = np.zeros((4, 28, 28), np.uint8)
+    for bad, msg in [
+        (np.zeros((4, 3, 28, 3), np.uint8), "layout"),            # C could be dim 1 or the last dim
+        (np.zeros((4, 28, 28, 5), np.uint8), "layout"),           # no channel axis in {1, 3}
+        (np.zeros((4, 28, 3), np.uint8), "layout"),               # one HWC image without N?
+        (np.zeros((4, 28), np.uint8), "layout"),
+        (u8[:1], "at least 2"),
+        (u8.astype(np.int64), "uint8, float32 or float64"),
+        (u8.astype(np.float16), "uint8, float32 or float64"),
+        (u8.tolist(), "numpy array"),
+        (np.full((4, 28, 28), 1.5, np.float32), r"\[0, 1\]"),    # a [0, 255] float array, say
+        (np.full((4, 28, 28), -0.1, np.float64), r"\[0, 1\]"),
+        (np.where(np.eye(28, dtype=bool), np.nan, 0.5)[None].repeat(4, 0).astype(np.float32), "NaN"),
+        (np.full((4, 28, 28), np.inf, np.float32), "NaN or inf"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            fid.as_nchw(bad)
+    # bad samples are refused before anything is computed or cached
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="NaN"):
+        fid.fid_of_samples(np.full((4, 28, 28), np.nan, np.float32), "mnist", n_ref=16, root=str(DATA_ROOT),
+                           cache_dir=cache, model=None)
+    assert not cache.exists()
+
+
+def test_fid_layouts_and_float_convention(inception):
+    nhw = mnist_digits(2)
+    f = fid.features(nhw, inception, progress=False)
+    np.testing.assert_array_equal(fid.features(nhw[..., None], inception, progress=False), f)              # NHWC
+    np.testing.assert_array_equal(fid.features(np.ascontiguousarray(nhw[:, None]), inception, progress=False), f)  # NCHW
+    # float in [0, 1] is mapped by x * 255 (not rounded): u8 / 255 gives the uint8 features back
+    f01 = fid.features((nhw / 255).astype(np.float32), inception, progress=False)
+    assert np.abs(f01 - f).max() < 1e-3
+    # authors' convention: per-image (x - min) / (max - min) * 255; the standard one leaves values alone
+    x = torch.tensor([[[[0.2, 0.6]]], [[[0.5, 0.5]]]], dtype=torch.float64)
+    assert torch.allclose(fid.to_float255(x), torch.tensor([[[[51.0, 153.0]]], [[[127.5, 127.5]]]]))
+    assert torch.equal(fid.to_float255(x, authors_minmax=True), torch.tensor([[[[0.0, 255.0]]], [[[0.0, 0.0]]]]))
+
+
+def test_fid_reference_cache_round_trip(inception, tmp_path, monkeypatch):
+    cache = tmp_path / "fid_stats"
+    mu, sigma = fid.reference_stats("mnist", "test", 16, str(need(DATA_ROOT)), cache, inception,
+                                    batch_size=16, progress=False)
+    files = list(cache.iterdir())
+    assert [p.name for p in files] == [f"mnist-test-n16-seed{fid.REF_SEED}-{fid.PREPROC}.npz"]  # no tmp left
+    mtime = files[0].stat().st_mtime_ns
+
+    def no_features(*a, **k):
+        raise RuntimeError("recomputed")
+    monkeypatch.setattr(fid, "features", no_features)
+    mu2, sigma2 = fid.reference_stats("mnist", "test", 16, str(DATA_ROOT), cache, inception)   # from the cache
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2) and files[0].stat().st_mtime_ns == mtime
+    for data, split, n in [("mnist", "test", 8), ("mnist", "train", 16)]:                     # other n, split
+        with pytest.raises(RuntimeError, match="recomputed"):
+            fid.reference_stats(data, split, n, str(DATA_ROOT), cache, inception)
+    monkeypatch.setattr(fid, "PREPROC", "ttur-v2")                                              # other convention
+    with pytest.raises(RuntimeError, match="recomputed"):
+        fid.reference_stats("mnist", "test", 16, str(DATA_ROOT), cache, inception)
+    monkeypatch.undo()
+    # a file whose stored key does not match its name is refused, not used
+    files[0].rename(cache / f"mnist-test-n8-seed{fid.REF_SEED}-{fid.PREPROC}.npz")
+    with pytest.raises(ValueError, match="delete it"):
+        fid.reference_stats("mnist", "test", 8, str(DATA_ROOT), cache, inception)
+
+
+def test_fid_cli_two_arrays(tmp_path):
+    need(FID_WEIGHTS)
+    digits = mnist_digits(16)
+    np.save(tmp_path / "a.npy", digits[:8])
+    np.save(tmp_path / "b.npy", digits[8:])
+    r = run_cli("a.npy", "b.npy", "--inception", FID_WEIGHTS, "--batch-size", 8, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"^FID (\S+) \(standard: x\*255, TF legacy resize", r.stdout)
+    assert m and np.isfinite(float(m.group(1))) and float(m.group(1)) > 0, r.stdout
+    np.save(tmp_path / "nan.npy", np.full((8, 28, 28), np.nan, np.float32))
+    r = run_cli("a.npy", "nan.npy", "--inception", FID_WEIGHTS, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "fid.py: error: nan.npy: images contain NaN or inf; fix: check the sampler's output"]
+
+
+def test_fid_cli_samples_writes_json_and_reuses_cache(tmp_path):
+    need(FID_WEIGHTS)
+    np.save(tmp_path / "samples.npy", (mnist_digits(24)[16:] / 255).astype(np.float32))  # float in [0, 1]
+    common = ["--data", "mnist", "--n", 16, "--data-root", need(DATA_ROOT), "--cache", "stats",
+              "--inception", FID_WEIGHTS, "--batch-size", 16]
+    r = run_cli("--samples", "samples.npy", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "(standard: x*255, TF legacy resize; n=8 vs mnist test n=16)" in r.stdout
+    res = json.loads((tmp_path / "samples.fid.json").read_text())
+    assert np.isfinite(res["fid"]) and res["n"] == 8 and res["convention"].startswith("standard")
+    assert res["reference"] == {"data": "mnist", "split": "test", "n": 16, "seed": fid.REF_SEED}
+    assert {"torch", "numpy", "python"} <= set(res["versions"]) and res["date"]
+    (stats,) = (tmp_path / "stats").iterdir()
+    mtime = stats.stat().st_mtime_ns
+    r = run_cli("--samples", "samples.npy", "--authors-minmax", *common, cwd=tmp_path)          # second run
+    assert r.returncode == 0, r.stderr
+    assert "(authors-minmax:" in r.stdout and stats.stat().st_mtime_ns == mtime                   # cache reused
+    assert json.loads((tmp_path / "samples.fid-authors-minmax.json").read_text())["convention"].startswith("authors")
+
+
+def test_fid_cli_missing_weights_is_one_clear_line(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 28, 28), np.uint8))
+    env = {k: v for k, v in os.environ.items() if k != "TWOSTAGE_INCEPTION"}
+    env.update(TORCH_HOME=str(tmp_path / "torch_home"), TWOSTAGE_NO_DOWNLOAD="1")  # empty hub cache, no download
+    r = run_cli("a.npy", "a.npy", cwd=tmp_path, env=env)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    expected = tmp_path / "torch_home" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    assert len(lines) == 1 and lines[0].startswith("fid.py: error:") and str(expected) in lines[0], r.stderr
