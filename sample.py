@@ -21,7 +21,7 @@ from stage1 import DATA_ENV, die, load_checkpoint, save_atomic, save_grid
 
 
 def load_model(path, build, device, what):
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     if ckpt is None:
         die(f"{path} is missing; fix: run `python {what}.py --out {os.path.dirname(path)}` first")
     model = build(ckpt["config"]).to(device)
@@ -77,7 +77,8 @@ def main(argv=None):
         die(f"{out}/stage1.pt was trained on {ck1['config']['data']}, not --data {args.data}; fix: pass --data {ck1['config']['data']}")
     vae2 = None
     if args.recon:
-        images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)[:args.n]
+        images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)
+        images = images[torch.randperm(len(images))[:args.n]]  # a shuffled test subset, as the authors' demo.py
         x = reconstruct(vae1, images, args.batch_size, args.device)
         name = "recon"
     else:

@@ -12,7 +12,7 @@ NOT N(0, I) and sampling z ~ N(0, I) gives poor images; stage 2 (stage2.py) fixe
 
 Writes to --out (default runs/<data>): stage1.pt (checkpoint, rewritten atomically every epoch),
 mu_z.npy and sigma_z.npy (the encoder's q(z|x) for the whole training split, n x kappa float32,
-read by stage2.py) and stage1_recon.png (top: data, bottom: reconstructions).
+read by stage2.py; latents.json names the checkpoint they come from) and stage1_recon.png (top: data, bottom: reconstructions).
 
 Notation: the authors' code, like ours, keeps gamma_x = exp(loggamma_x) as a STANDARD DEVIATION.
 The paper's gamma (a variance, eqs. 8-9) is gamma_x ** 2.
@@ -108,13 +108,26 @@ def load_images(data, root, train=True):
 # architecture of Table 2. Weights ~ normal(0, 0.02), biases 0, as in the authors' util.py.
 
 def init(layer):
-    nn.init.normal_(layer.weight, 0.0, 0.02)
+    if isinstance(layer, nn.Conv2d):  # the authors' util.conv2d: TF's truncated normal (cut at 2 std)
+        nn.init.trunc_normal_(layer.weight, 0.0, 0.02, -0.04, 0.04)
+    else:                             # util.linear and util.deconv2d: a plain normal
+        nn.init.normal_(layer.weight, 0.0, 0.02)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def glorot(layer):
+    # the authors' 'Wae' class uses tf.layers with their defaults: Glorot-uniform weights, zero biases
+    nn.init.xavier_uniform_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
 
 
 def bn(features, dims=2):
-    # TF moving-average decay 0.999 == PyTorch momentum 0.001; eps 1e-5 (authors' util.batch_norm)
+    # TF moving-average decay 0.999 == PyTorch momentum 0.001; eps 1e-5 (authors' util.batch_norm).
+    # Two small departures: TF's assign_moving_average zero-debiases the averages (ours keep a weight
+    # 0.999^steps on the initial 0 / 1: 0.39 after one MNIST epoch, < 0.01 after five) and TF's
+    # moving variance is the biased batch variance (PyTorch's: unbiased, x 64/63 at batch 64).
     return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(features, eps=1e-5, momentum=0.001)
 
 
@@ -164,19 +177,20 @@ class InfoganDecoder(nn.Module):
 
 class WaeEncoder(nn.Module):
     """Table 2's architecture (64x64 RGB only). As in the authors' code: no spectral norm, and
-    sigma = exp(log sigma). PyTorch pads 5x5/2 convs symmetrically (2, 2) where TF 'same' pads (1, 2)."""
+    sigma = exp(log sigma). PyTorch pads 5x5/2 convs symmetrically (2, 2) where TF 'same' pads (1, 2);
+    the decoder's transposed convs are likewise shifted by one pixel against TF's (same shapes)."""
 
     def __init__(self, channels, size, latent_dim):
         super().__init__()
         def block(i, o, stride):
-            return [init(nn.Conv2d(i, o, 5, stride, 2)), bn(o), nn.ReLU()]
+            return [glorot(nn.Conv2d(i, o, 5, stride, 2)), bn(o), nn.ReLU()]
         self.net = nn.Sequential(
             *block(channels, 128, 1),   # (B, 128, 64, 64)
             *block(128, 256, 2),        # (B, 256, 32, 32)
             *block(256, 512, 2),        # (B, 512, 16, 16)
             *block(512, 1024, 2),       # (B, 1024, 8, 8)
             nn.Flatten(),               # (B, 65536)
-            init(nn.Linear(1024 * 8 * 8, 2 * latent_dim)),  # (B, 2 kappa): mu_z and log sigma_z
+            glorot(nn.Linear(1024 * 8 * 8, 2 * latent_dim)),  # (B, 2 kappa): mu_z and log sigma_z
         )
 
     def forward(self, x):
@@ -188,14 +202,14 @@ class WaeDecoder(nn.Module):
     def __init__(self, channels, size, latent_dim):
         super().__init__()
         def block(i, o):
-            return [init(nn.ConvTranspose2d(i, o, 5, 2, 2, output_padding=1)), bn(o), nn.ReLU()]
+            return [glorot(nn.ConvTranspose2d(i, o, 5, 2, 2, output_padding=1)), bn(o), nn.ReLU()]
         self.net = nn.Sequential(
-            init(nn.Linear(latent_dim, 1024 * 8 * 8)), nn.ReLU(),  # no BN here in the authors' code
+            glorot(nn.Linear(latent_dim, 1024 * 8 * 8)), nn.ReLU(),  # no BN here in the authors' code
             nn.Unflatten(1, (1024, 8, 8)),                         # (B, 1024, 8, 8)
             *block(1024, 512),                                     # (B, 512, 16, 16)
             *block(512, 256),                                      # (B, 256, 32, 32)
             *block(256, 128),                                      # (B, 128, 64, 64)
-            init(nn.ConvTranspose2d(128, channels, 5, 1, 2)), nn.Sigmoid(),  # (B, 3, 64, 64)
+            glorot(nn.ConvTranspose2d(128, channels, 5, 1, 2)), nn.Sigmoid(),  # (B, 3, 64, 64)
         )
 
     def forward(self, z):
@@ -231,7 +245,7 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 def gaussian_nll(x, x_hat, loggamma):
     """-log N(x | x_hat, gamma^2 I) per example, gamma = exp(loggamma) a standard deviation.
-    eq. (8) in the paper's variance notation: ||x - x_hat||^2 / (2 gamma) + d/2 log(2 pi gamma).
+    Half of eq. (8)'s integrand, in the paper's variance notation: ||x - x_hat||^2 / (2 gamma) + d/2 log(2 pi gamma).
     It is unbounded below as gamma -> 0, so a negative loss is expected (Theorem 3)."""
     d = x[0].numel()
     sq = (x - x_hat).square().flatten(1).sum(1)
@@ -337,7 +351,7 @@ def fit(model, opt, ckpt, n, step, path, loggamma_name, snapshots=()):
         loss, rec, kl = (totals / steps).tolist()  # the one host sync of the epoch
         if not all(math.isfinite(v) for v in (loss, rec, kl)) or not torch.isfinite(loggamma).item():
             die(f"training diverged in epoch {epoch + 1} (loss {loss}, {loggamma_name} {loggamma.item()}); "
-                f"{path} still holds epoch {ckpt['epoch']}; fix: lower --lr, or --resume with another --seed")
+                f"{path} still holds epoch {ckpt['epoch']}; fix: start afresh in a new --out with a lower --lr or another --seed")
         seconds = time.time() - t0
         ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
                                 loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
@@ -350,11 +364,13 @@ def fit(model, opt, ckpt, n, step, path, loggamma_name, snapshots=()):
               f"{loggamma_name} {loggamma.item():.4f} | {steps * batch / seconds:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path):
+    """The checkpoint dict, on the CPU (RNG states must stay CPU tensors; load_state_dict moves the
+    rest to the model's device), or None if there is none."""
     if not os.path.exists(path):
         return None
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         die(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); fix: delete it and start again without --resume")
 
@@ -386,7 +402,7 @@ def common_flags(p, epochs, lr_epochs):
 
 def start_or_resume(args, path, defaults_epochs):
     """The checkpoint dict to train from: a fresh one, or the one in --out when --resume."""
-    ckpt = load_checkpoint(path, args.device) if args.resume else None
+    ckpt = load_checkpoint(path) if args.resume else None
     if args.resume and ckpt is None:
         die(f"--resume: no checkpoint at {path}; fix: run without --resume to start, or pass the right --out")
     if ckpt is None:
@@ -436,8 +452,77 @@ def save_reconstructions(model, images, path, n=16):
     save_grid(torch.cat([x, x_hat]), path, nrow=n)
 
 
+# ----------------------------------------------------------------------------------------------
+# --bench (README, "Speed"): our training step against a plain eager step with torch.optim.Adam at
+# its defaults, and against the machine's floor: the step's matmul/conv FLOPs at the measured
+# float32 matmul rate, plus Adam's minimal memory traffic (read p, grad, m, v; write p, m, v) at the
+# measured memory bandwidth.
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, device, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def machine_rates(device):
+    """(float32 matmul FLOP/s, memory bandwidth in bytes/s counting read + write) of this device."""
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    flops = 2 * 2048 ** 3 / seconds_per_call(lambda: a @ b, device, reps=10)
+    x = torch.randn(2 ** 26, device=device)  # 256 MB: far beyond the caches
+    y = torch.empty_like(x)
+    bandwidth = 2 * x.numel() * 4 / seconds_per_call(lambda: y.copy_(x), device, reps=5)
+    return flops, bandwidth
+
+
+def bench(title, build, loss_fn, batch, device, steps=20):
+    """Print (variant, ms/step, examples/s, floor, ratio) for one training step done two ways."""
+    from torch.utils.flop_counter import FlopCounterMode
+    rate, bandwidth = machine_rates(device)
+    rows = {}
+    for variant in ("plain", "ours"):
+        torch.manual_seed(0)
+        model = build().to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-4) if variant == "plain" else make_optimizer(model, 1e-4)
+
+        def step():  # exactly the body of fit()'s loop
+            loss = loss_fn(model, batch)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rows[variant] = seconds_per_call(step, device, steps)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model, batch)[0].backward()
+    flops = counter.get_total_flops()
+    n_params = sum(p.numel() for p in params)
+    floor = flops / rate + 7 * 4 * n_params / bandwidth
+    print(f"{title} | device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"machine: float32 matmul {rate / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s")
+    print(f"step: {flops / 1e9:.2f} GFLOP (forward + backward matmul/conv), {n_params / 1e6:.2f} M parameters "
+          f"-> floor {floor * 1e3:.1f} ms = {flops / rate * 1e3:.1f} ms arithmetic + {7 * 4 * n_params / bandwidth * 1e3:.1f} ms Adam traffic")
+    print(f"{'variant':<8}{'ms/step':>10}{'examples/s':>12}{'floor ms':>10}{'x floor':>9}{'x plain':>9}")
+    for variant, sec in rows.items():
+        print(f"{variant:<8}{sec * 1e3:>10.1f}{len(batch) / sec:>12.0f}{floor * 1e3:>10.1f}"
+              f"{sec / floor:>9.2f}{sec / rows['plain']:>9.2f}")
+    return rows, floor
+
+
 def bench_stage1(args):
-    die("--bench: not implemented yet")
+    channels, size = SHAPES[args.data]
+    config = {"data": args.data, "arch": args.arch, "latent_dim": args.latent_dim, "loss": args.loss}
+    images = torch.randint(0, 256, (args.batch_size, channels, size, size), dtype=torch.uint8, device=args.device)
+    bench(f"stage 1 | {args.data} {args.arch} {args.loss}, batch {args.batch_size}, kappa {args.latent_dim}",
+          lambda: build_model(config), lambda model, x: stage1_loss(model, x.float() / 255, args.loss), images, args.device)
 
 
 def parse_args(argv=None):
@@ -486,6 +571,10 @@ def main(argv=None):
     mu_z, sigma_z = encode(model, images)
     save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
     save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
+    # which checkpoint the latents come from: stage2.py refuses latents older than stage1.pt
+    with open(os.path.join(out, "latents.json.tmp"), "w") as f:
+        json.dump({"run_id": cfg["run_id"], "epoch": ckpt["epoch"]}, f)
+    os.replace(os.path.join(out, "latents.json.tmp"), os.path.join(out, "latents.json"))
     save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
     summary = {"epoch": ckpt["epoch"], "loggamma_x": model.loggamma_x.item(), "run_id": cfg["run_id"],
                "active_dims(mean sigma_z^2 < 0.5)": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}

@@ -1,5 +1,6 @@
 """Stage 2 of the Two-Stage VAE (Dai & Wipf 2019, Section 4): a second VAE fitted to stage 1's
-latents. Stage 1's aggregate posterior q(z) is not N(0, I) (eq. 10 fails once gamma -> 0), but it
+latents. Stage 1's aggregate posterior q(z) is not N(0, I) (eq. 10: with r < d the decoder does not
+learn the ground-truth measure, so q(z) need not match the prior), but it
 lives on all of R^kappa with r = d = kappa, the regime of Theorem 1 where a VAE CAN match the
 distribution. So a small VAE with latent u learns q(z), and sampling goes u -> z -> x (sample.py).
 
@@ -18,14 +19,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stage1 import (common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
+from stage1 import (bench, common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
                     make_optimizer, restore, start_or_resume)
 
 
 class MLP(nn.Module):
     """depth x [dense width, ReLU], then the input concatenated back in before the output layers,
     as in the authors' build_encoder2 / build_decoder2. Dense layers start as TF's default
-    (Glorot-uniform weights, zero biases), not PyTorch's."""
+    (Glorot-uniform weights, zero biases), not PyTorch's; the encoder's mu_u and log sigma_u layers
+    are one 2-kappa layer here, whose Glorot bound is 3 % smaller than two kappa layers'."""
 
     def __init__(self, dim, width, depth, outputs):
         super().__init__()
@@ -74,9 +76,14 @@ def stage2_loss(model, z):
     return rec + kl, rec, kl
 
 
-def load_latents(out):
+def load_latents(out, stage1):
     """mu_z, sigma_z from stage 1, checked: a clear error names the file and the command that makes it."""
     make = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
+    record = os.path.join(out, "latents.json")
+    source = json.load(open(record)) if os.path.exists(record) else None
+    if source != {"run_id": stage1["config"]["run_id"], "epoch": stage1["epoch"]}:
+        die(f"{record} says the latents come from {source}, not from stage1.pt (epoch {stage1['epoch']}); "
+            f"fix: finish the stage-1 run: `python stage1.py --out {out} --resume`")
     arrays = []
     for name in ("mu_z", "sigma_z"):
         path = os.path.join(out, f"{name}.npy")
@@ -110,15 +117,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.bench:
-        from stage1 import bench_stage2
-        return bench_stage2(args)
+    if args.bench:  # random latents of the right size: the step's speed does not depend on them
+        cfg = {"latent_dim": 64, "width": args.width, "depth": args.depth}
+        z = torch.randn(args.batch_size, 64, device=args.device)
+        return bench(f"stage 2 | {args.depth} x {args.width} MLPs, batch {args.batch_size}, kappa 64",
+                     lambda: build_model(cfg), stage2_loss, z, args.device)
     out = args.out or os.path.join("runs", args.data)
     path = os.path.join(out, "stage2.pt")
-    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"), "cpu")
+    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"))
     if stage1 is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
-    mu_z, sigma_z = load_latents(out)
+    mu_z, sigma_z = load_latents(out, stage1)
     ckpt = start_or_resume(args, path, defaults_epochs=800)
     cfg = ckpt["config"]
     cfg["latent_dim"] = mu_z.shape[1]

@@ -197,6 +197,40 @@ def test_diverging_training_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert torch.load(path, weights_only=False)["epoch"] == 1  # epoch 1's checkpoint, untouched
 
 
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_our_step_follows_the_plain_step(stage):
+    """The speed work (fused Adam) changes no result: 5 steps of our step and of a plain eager step
+    with torch.optim.Adam at its defaults give the same loss trajectory to float tolerance."""
+    if stage == 1:
+        build, loss_fn = lambda: stage1.build_model({"data": "mnist", "arch": "infogan", "latent_dim": 64, "loss": "learned-gamma"}), \
+            lambda m, x: stage1.stage1_loss(m, x, "learned-gamma")
+        batches = torch.rand(5, 64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    else:
+        build, loss_fn = lambda: stage2.Stage2VAE(64, 1024, 3), stage2.stage2_loss
+        batches = torch.randn(5, 64, 64, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for plain in (True, False):
+        torch.manual_seed(0)
+        model = build()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-4) if plain else stage1.make_optimizer(model, 1e-4)
+        losses = []
+        for x in batches:
+            loss = loss_fn(model, x)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs.append((losses, [p.detach().clone() for p in params]))
+        assert params[0] is (model.loggamma_x if stage == 1 else model.loggamma_z)
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-5)
+    assert runs[0][0][-1] < runs[0][0][0]  # and training did something
+    # parameters are not compared one by one: a bias right before a BatchNorm has a gradient of pure
+    # rounding noise, which Adam (m / sqrt v) turns into full-size steps of random sign in both runs
+    torch.testing.assert_close(runs[0][1][0], runs[1][1][0], rtol=1e-5, atol=0)  # loggamma (first param)
+
+
 # ---------------------------------------------------------------------------------------------
 # the three scripts, as a user runs them
 
@@ -278,6 +312,10 @@ def test_stage2_refuses_bad_latents(tmp_path):
     (run_dir / "mu_z.npy").unlink()
     r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
     assert r.returncode != 0 and "mu_z.npy is missing" in r.stderr
+    # latents from another epoch than stage1.pt (a killed --resume): refused
+    (run_dir / "latents.json").write_text(json.dumps({"run_id": "x", "epoch": 7}))
+    r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
+    assert r.returncode != 0 and "latents come from" in r.stderr and "--resume" in r.stderr
 
 
 def test_help_lists_every_flag_with_its_default():
