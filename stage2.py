@@ -121,7 +121,7 @@ def main(argv=None):
         cfg = {"latent_dim": 64, "width": args.width, "depth": args.depth}
         z = torch.randn(args.batch_size, 64, device=args.device)
         return bench(f"stage 2 | {args.depth} x {args.width} MLPs, batch {args.batch_size}, kappa 64",
-                     lambda: build_model(cfg), stage2_loss, z, args.device)
+                     lambda plain: build_model(cfg), stage2_loss, z, args.device)
     out = args.out or os.path.join("runs", args.data)
     path = os.path.join(out, "stage2.pt")
     stage1 = load_checkpoint(os.path.join(out, "stage1.pt"))
