@@ -233,7 +233,9 @@ def load_inception(path=None, device="cpu"):
         raise ValueError(f"{weights} is not pytorch-fid's FID Inception state_dict (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); fix: use {WEIGHTS_NAME}")
     model.weights_file = str(weights)
-    return model.eval().requires_grad_(False).to(device)
+    # channels_last (NHWC) lets oneDNN / cuDNN pick their fast convolutions: 14.6 -> 21.9 images/s on
+    # this 2-core CPU (64 MNIST digits, 2026-11-24); the features are the same to float rounding
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
 # -----------------------------------------------------------------------------
 # input pipeline (TTUR): [0, 255] floats -> grey to RGB -> TF legacy bilinear 299x299 -> (x - 128) / 128
@@ -320,7 +322,8 @@ def features(images, model, batch_size=50, device="cpu", authors_minmax=False, p
     t0 = time.time()
     for b, i in enumerate(range(0, n, batch_size)):
         batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # a copy: mmap is read-only
-        out[i:i + len(batch)] = model(preprocess(batch, authors_minmax)).float().cpu().numpy()
+        x = preprocess(batch, authors_minmax).contiguous(memory_format=torch.channels_last)
+        out[i:i + len(batch)] = model(x).float().cpu().numpy()
         done = i + len(batch)
         if progress and (b % 10 == 9 or done == n):
             print(f"\rfid: {done}/{n} images, {done / (time.time() - t0):.1f} images/s",

@@ -11,6 +11,7 @@ grid of the first 100 beside each.
 """
 import argparse
 import os
+import time
 
 import numpy as np
 import torch
@@ -76,6 +77,7 @@ def main(argv=None):
     if ck1["config"]["data"] != args.data and args.out:
         die(f"{out}/stage1.pt was trained on {ck1['config']['data']}, not --data {args.data}; fix: pass --data {ck1['config']['data']}")
     vae2 = None
+    t0 = time.time()
     if args.recon:
         images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)
         images = images[torch.randperm(len(images))[:args.n]]  # a shuffled test subset, as the authors' demo.py
@@ -93,10 +95,11 @@ def main(argv=None):
                     f"fix: re-run `python stage2.py --out {out}` (delete the old stage2.pt first)")
         x = generate(vae1, vae2, args.n, args.batch_size, args.device)
         name = "samples" if args.stage == 2 else "samples_stage1"
+    seconds = time.time() - t0
     path = os.path.join(out, f"{name}.npy")
     save_atomic(x.numpy().astype(np.float32), path)
     save_grid(x[:100], os.path.join(out, f"{name}.png"), nrow=10)
-    print(f"wrote {path} {tuple(x.shape)} and {name}.png", flush=True)
+    print(f"wrote {path} {tuple(x.shape)} and {name}.png ({len(x) / seconds:.0f} images/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -604,7 +604,9 @@ def main(argv=None):
     snapshots = {int(e) for e in cfg["snapshots"].split(",") if e.strip()}
     fit(model, opt, ckpt, len(images), step, path, "loggamma_x", snapshots)
 
+    t0 = time.time()
     mu_z, sigma_z = encode(model, images)
+    print(f"encoded {len(images)} images in {time.time() - t0:.1f} s ({len(images) / (time.time() - t0):.0f} images/s)", flush=True)
     save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
     save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
     # which checkpoint the latents come from: stage2.py refuses latents older than stage1.pt
