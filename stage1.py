@@ -392,7 +392,9 @@ def fit(model, opt, ckpt, n, step, path, loggamma_name, snapshots=()):
         ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
         save_atomic(ckpt, path)
         if epoch + 1 in snapshots:  # kept copies for the budget curve (README, "Reproduction")
-            shutil.copyfile(path, path.replace(".pt", f"_e{epoch + 1:04d}.pt"))
+            snapshot = f"{os.path.splitext(path)[0]}_e{epoch + 1:04d}.pt"
+            shutil.copyfile(path, snapshot + ".tmp")
+            os.replace(snapshot + ".tmp", snapshot)
         eta = seconds * (cfg["epochs"] - epoch - 1)
         print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
               f"{loggamma_name} {loggamma.item():.4f} | {steps * batch / seconds:.0f} img/s | ETA {fmt_time(eta)}", flush=True)

@@ -246,10 +246,11 @@ def state(path):
 
 def test_pipeline_stage1_stage2_sample(tmp_path):
     root, run_dir = mnist_root(tmp_path), tmp_path / "run"
-    r = run("stage1.py", "--data", "mnist", "--data-root", root, "--out", run_dir, "--epochs", 2, *TINY1)
+    r = run("stage1.py", "--data", "mnist", "--data-root", root, "--out", run_dir, "--epochs", 2, "--snapshots", 1, *TINY1)
     assert re.search(r"epoch 2/2 \| loss \S+ \| rec \S+ \| kl \S+ \| loggamma_x -?\d\.\d+ \| \d+ img/s \| ETA", r.stdout), r.stdout
     ck = state(run_dir / "stage1.pt")
     assert ck["epoch"] == 2 and ck["config"]["latent_dim"] == 8 and len(ck["history"]) == 2
+    assert state(run_dir / "stage1_e0001.pt")["epoch"] == 1  # --snapshots keeps epoch 1's checkpoint
     # Adam moves loggamma_x by about lr = 1e-4 per step, down (gamma -> 0, Theorem 3): 16 steps
     assert -16e-4 * 1.1 < ck["model"]["loggamma_x"].item() < -8e-4
     assert [h["loggamma_x"] for h in ck["history"]][1] < ck["history"][0]["loggamma_x"] < 0
