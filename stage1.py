@@ -360,10 +360,11 @@ def fmt_time(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def fit(model, opt, ckpt, n, step, path, loggamma_name, snapshots=()):
+def fit(model, opt, ckpt, n, step, path, loggamma_name):
     """Train from ckpt['epoch'] to ckpt['config']['epochs']. step(idx) -> (loss, rec, kl) on the
     examples idx. Losses are summed on the device and read once per epoch (no per-step host sync)."""
     cfg = ckpt["config"]
+    snapshots = {int(e) for e in cfg.get("snapshots", "").split(",") if e.strip()}
     device = next(model.parameters()).device
     loggamma = getattr(model, loggamma_name)
     batch, steps = cfg["batch_size"], n // cfg["batch_size"]
@@ -391,7 +392,7 @@ def fit(model, opt, ckpt, n, step, path, loggamma_name, snapshots=()):
                                 loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
         ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
         save_atomic(ckpt, path)
-        if epoch + 1 in snapshots:  # kept copies for the budget curve (README, "Reproduction")
+        if epoch + 1 in snapshots:  # kept copies, e.g. for FID against stage-1 epochs
             snapshot = f"{os.path.splitext(path)[0]}_e{epoch + 1:04d}.pt"
             shutil.copyfile(path, snapshot + ".tmp")
             os.replace(snapshot + ".tmp", snapshot)
@@ -421,6 +422,12 @@ def restore(ckpt, model, opt):
         print(f"resumed at epoch {ckpt['epoch']}", flush=True)
 
 
+def epoch_list(text):
+    if not all(e.strip().isdigit() for e in text.split(",") if e.strip()):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of epochs; fix: e.g. --snapshots 5,10,20")
+    return text
+
+
 def common_flags(p, epochs, lr_epochs):
     """Flags both stages share; defaults are the authors' (reference.md)."""
     p.add_argument("--data", default="mnist", choices=sorted(SHAPES), help="data set (default: mnist)")
@@ -432,7 +439,8 @@ def common_flags(p, epochs, lr_epochs):
     p.add_argument("--seed", type=int, default=0, help="random seed; a CPU run with the same seed is repeatable (default: 0)")
     p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--snapshots", default="", help="comma-separated epochs at which to keep a copy of the checkpoint (default: none)")
+    p.add_argument("--snapshots", default="", type=epoch_list,
+                   help="comma-separated epochs after which to keep a copy of the checkpoint as stage<k>_e<epoch>.pt (default: none)")
     p.add_argument("--bench", action="store_true", help="time the training step against the plain one and the machine's floor, then exit")
 
 
@@ -603,8 +611,7 @@ def main(argv=None):
     def step(idx):
         return stage1_loss(model, images[idx].float() / 255, cfg["loss"])
 
-    snapshots = {int(e) for e in cfg["snapshots"].split(",") if e.strip()}
-    fit(model, opt, ckpt, len(images), step, path, "loggamma_x", snapshots)
+    fit(model, opt, ckpt, len(images), step, path, "loggamma_x")
 
     t0 = time.time()
     mu_z, sigma_z = encode(model, images)

@@ -150,8 +150,7 @@ def main(argv=None):
         z = mu_z[idx] + sigma_z[idx] * torch.randn_like(mu_z[idx])  # a fresh z ~ q(z|x) every batch
         return stage2_loss(model, z)
 
-    snapshots = {int(e) for e in cfg["snapshots"].split(",") if e.strip()}
-    fit(model, opt, ckpt, len(mu_z), step, path, "loggamma_z", snapshots)
+    fit(model, opt, ckpt, len(mu_z), step, path, "loggamma_z")
     print("done | " + json.dumps({"epoch": ckpt["epoch"], "loggamma_z": model.loggamma_z.item()}), flush=True)
 
 
