@@ -134,13 +134,13 @@ def bn(features, dims=2):
 class SpectralNorm(nn.Module):
     """A layer whose weight W is divided by its largest singular value sigma (Miyato et al. 2018),
     estimated by one power iteration per training step, as the authors do on every encoder layer
-    (it keeps the encoder Lipschitz; the decoder has none). Same numbers as torch's
-    parametrizations.spectral_norm (same u, v draws and 16 warm-up iterations: torch's 15 plus the
-    one its registration check runs; the authors' TF has none, a difference gone after a few
-    hundred steps; the gradient flows
-    through sigma = u.W v, as in torch and in the authors' TF), but it divides the layer's OUTPUT by
-    sigma instead of the weight: W / sigma costs several passes over the 6.4M-entry dense weight in
-    the backward pass, the output is 64 x 1024 (stage 1 step on CPU: 89.6 -> 65.4 ms, README "Speed")."""
+    (it keeps the encoder Lipschitz; the decoder has none). The gradient flows through
+    sigma = u.W v, as in torch and in the authors' TF. Same numbers as torch's
+    parametrizations.spectral_norm: the same u, v draws and 16 warm-up iterations (torch's 15 plus
+    the one its registration check runs; the authors' TF has none, a difference gone after a few
+    hundred steps). Why not torch's: it divides the WEIGHT by sigma, which costs several passes over
+    the 6.4M-entry dense weight in the backward pass; we divide the layer's OUTPUT (64 x 1024)
+    instead (stage 1 step on CPU: 89.6 -> 65.4 ms, README "Speed")."""
 
     def __init__(self, layer, warmup=16):
         super().__init__()
