@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from stage1 import DATA_ENV, default_device, load_images, versions  # the project's data loader and helpers
 
 # -----------------------------------------------------------------------------
 # config
@@ -47,7 +48,7 @@ PREPROC = "ttur-v1"        # name of the pipeline below; part of every cache key
 STANDARD = "standard: x*255, TF legacy resize"
 AUTHORS = "authors-minmax: generated (x-min)/(max-min)*255 per image, TF legacy resize"
 DATASETS = ("mnist", "fashion", "cifar10", "celeba")
-DATA_ROOT = os.environ.get("TWOSTAGE_DATA", "./data")  # torchvision root of the reference images
+DATA_ROOT = os.environ.get(DATA_ENV, "./data")  # torchvision root of the reference images
 
 # -----------------------------------------------------------------------------
 # the FID Inception-v3: torchvision's Inception3 layout and names (so pytorch-fid's state_dict loads
@@ -384,7 +385,6 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
 def load_reference_images(data, split, root):
     """uint8 (N, H, W, C) images of a split, read by stage1.py's loader: the same torchvision files,
     download rule and CelebA crop (rows 45:173, cols 25:153, 64x64) as training."""
-    from stage1 import load_images
     return load_images(data, root, train=(split == "train")).permute(0, 2, 3, 1).numpy()
 
 
@@ -415,10 +415,6 @@ def reference_stats(data, split, n, root, cache_dir, model, batch_size=50, devic
     mu, sigma = statistics(features(images[idx], model, batch_size, device, progress=progress))
     _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **key, **versions()))
     return mu, sigma
-
-
-def versions():
-    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def fid_of_samples(samples, data, split="test", n_ref=10000, root=DATA_ROOT, cache_dir="runs/fid_stats",
@@ -468,7 +464,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=DATA_ROOT,
                    help="torchvision data root (default $TWOSTAGE_DATA, else ./data)")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception pass (default 50, as TTUR)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=default_device(),
                    help="default cuda if available, else cpu")
     args = p.parse_args(argv)
     if len(args.arrays) not in (0, 2) or (args.arrays and args.samples) or (not args.arrays and not args.data):
