@@ -47,15 +47,6 @@ def generate(vae1, vae2, n, batch, device):
     return torch.cat(out)
 
 
-@torch.inference_mode()
-def reconstruct(vae1, images, batch, device):
-    out = []
-    for i in range(0, len(images), batch):
-        mu_z, _, sigma_z = vae1.encoder(images[i:i + batch].to(device).float() / 255)
-        out.append(vae1.decoder(mu_z + sigma_z * torch.randn_like(mu_z)).float().cpu())  # z ~ q(z|x)
-    return torch.cat(out)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a Two-Stage VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="mnist", choices=sorted(stage1.SHAPES), help="data set (picks the default --out)")
@@ -81,7 +72,7 @@ def main(argv=None):
     if args.recon:
         images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)
         images = images[torch.randperm(len(images))[:args.n]]  # a shuffled test subset, as the authors' demo.py
-        x = reconstruct(vae1, images, args.batch_size, args.device)
+        x = stage1.reconstruct(vae1, images, args.batch_size)
         name = "recon"
     else:
         if args.stage == 2:

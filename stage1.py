@@ -488,12 +488,21 @@ def save_grid(images, path, nrow=16):
 
 
 @torch.inference_mode()
-def save_reconstructions(model, images, path, n=16):
+def reconstruct(model, images, batch=500):
+    """x_hat(z), z ~ q(z|x), of uint8 images (N, C, H, W), batch by batch, BN in evaluation mode:
+    the images behind a 'reconstruction FID' (reference.md, "Sampling"). float (N, C, H, W) in [0, 1], CPU."""
     model.eval()
-    x = images[:n].to(next(model.parameters()).device).float() / 255
-    mu_z, _, sigma_z = model.encoder(x)
-    x_hat = model.decoder(mu_z + sigma_z * torch.randn_like(mu_z))  # x_hat(z), z ~ q(z|x)
-    save_grid(torch.cat([x, x_hat]), path, nrow=n)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch):
+        mu_z, _, sigma_z = model.encoder(images[i:i + batch].to(device).float() / 255)
+        out.append(model.decoder(mu_z + sigma_z * torch.randn_like(mu_z)).float().cpu())
+    return torch.cat(out)
+
+
+def save_reconstructions(model, images, path, n=16):
+    x = images[:n]
+    save_grid(torch.cat([x.float().cpu() / 255, reconstruct(model, x)]), path, nrow=n)
 
 
 # ----------------------------------------------------------------------------------------------
