@@ -1,8 +1,7 @@
 """Stage 2 of the Two-Stage VAE (Dai & Wipf 2019, Section 4): a second VAE fitted to stage 1's
 latents. Stage 1's aggregate posterior q(z) is not N(0, I) (eq. 10: with r < d the decoder does not
-learn the ground-truth measure, so q(z) need not match the prior), but it
-lives on all of R^kappa with r = d = kappa, the regime of Theorem 1 where a VAE CAN match the
-distribution. So a small VAE with latent u learns q(z), and sampling goes u -> z -> x (sample.py).
+learn the ground-truth measure, so q(z) need not match the prior), but it lives on all of R^kappa
+with r = d = kappa, the regime of Theorem 1 where a VAE CAN match the distribution. So a small VAE with latent u learns q(z), and sampling goes u -> z -> x (sample.py).
 
     python stage2.py --data mnist              # the paper's protocol: 800 epochs, batch 64, Adam 1e-4
     python stage2.py --data mnist --epochs 50  # a CPU-sized run
