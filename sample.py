@@ -5,9 +5,9 @@
     python sample.py --data mnist --recon      # x_hat(z), z ~ q(z|x), for test images ('reconstruction FID')
     python fid.py --data mnist --samples runs/mnist/samples.npy
 
-Writes to --out (default runs/<data>): samples.npy (2-stage), samples_stage1.npy (--stage 1) or
-recon.npy (--recon): float32 (N, C, H, W) in [0, 1], the decoder MEAN (no pixel noise), plus a PNG
-grid of the first 100 beside each.
+Writes to --out (default runs/<data>): samples.npy (2-stage), samples_stage1.npy (--stage 1),
+samples_no_z_noise.npy (--no-z-noise) or recon.npy (--recon): float32 (N, C, H, W) in [0, 1], the
+decoder MEAN (no pixel noise), plus a PNG grid of the first 100 beside each.
 """
 import argparse
 import os
@@ -31,8 +31,9 @@ def load_model(path, build, device, what):
 
 
 @torch.inference_mode()
-def generate(vae1, vae2, n, batch, device):
-    """n images (n, C, H, W) in [0, 1], batch by batch; vae2 None means one-stage sampling."""
+def generate(vae1, vae2, n, batch, device, z_noise=True):
+    """n images (n, C, H, W) in [0, 1], batch by batch; vae2 None means one-stage sampling.
+    z_noise False drops the gamma_z eps term (z = z_hat(u)): a diagnostic, not the authors' rule."""
     kappa = vae1.decoder.net[0].in_features
     out = []
     for i in range(0, n, batch):
@@ -42,7 +43,8 @@ def generate(vae1, vae2, n, batch, device):
         else:
             u = torch.randn(b, kappa, device=device)                      # u ~ N(0, I)
             z_hat = vae2.decoder(u)
-            z = z_hat + vae2.loggamma_z.exp() * torch.randn_like(z_hat)   # z ~ p(z|u) = N(z_hat, gamma_z^2 I)
+            eps = torch.randn_like(z_hat)  # drawn either way: with or without noise, the same u
+            z = z_hat + vae2.loggamma_z.exp() * eps if z_noise else z_hat  # z ~ p(z|u) = N(z_hat, gamma_z^2 I)
         out.append(vae1.decoder(z).float().cpu())                         # x = x_hat(z)
     return torch.cat(out)
 
@@ -53,6 +55,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="run directory holding stage1.pt / stage2.pt (default: runs/<data>)")
     p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="2: u -> z -> x; 1: z ~ N(0, I) -> x")
     p.add_argument("--recon", action="store_true", help="reconstruct test images instead of sampling")
+    p.add_argument("--no-z-noise", action="store_true", help="2-stage with z = z_hat(u), no gamma_z noise: a diagnostic "
+                   "for an undertrained stage 2 (the authors add the noise); writes samples_no_z_noise.npy")
     p.add_argument("--n", type=int, default=10000, help="number of images (the paper's FID uses 10,000)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -84,8 +88,10 @@ def main(argv=None):
             if ck2["stage1"] != mine:
                 die(f"stage2.pt was fitted to stage-1 run {ck2['stage1']}, not to this stage1.pt {mine}; "
                     f"fix: re-run `python stage2.py --out {out}` (delete the old stage2.pt first)")
-        x = generate(vae1, vae2, args.n, args.batch_size, args.device)
-        name = "samples" if args.stage == 2 else "samples_stage1"
+        if args.no_z_noise and args.stage != 2:
+            die("--no-z-noise is about 2-stage sampling; fix: drop it, or use --stage 2")
+        x = generate(vae1, vae2, args.n, args.batch_size, args.device, z_noise=not args.no_z_noise)
+        name = "samples_stage1" if args.stage == 1 else "samples_no_z_noise" if args.no_z_noise else "samples"
     seconds = time.time() - t0
     path = os.path.join(out, f"{name}.npy")
     save_atomic(x.numpy().astype(np.float32), path)

@@ -440,7 +440,7 @@ def common_flags(p, epochs, lr_epochs):
     p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--snapshots", default="", type=epoch_list,
-                   help="comma-separated epochs after which to keep a copy of the checkpoint as stage<k>_e<epoch>.pt (default: none)")
+                   help="comma-separated epochs after which to keep a copy of the checkpoint as stage<k>_e<epoch>.pt (default: none; with --resume: replaces the run's list)")
     p.add_argument("--bench", action="store_true", help="time the training step against the plain one and the machine's floor, then exit")
 
 
@@ -456,8 +456,11 @@ def start_or_resume(args, path, defaults_epochs):
         config["epochs"] = args.epochs if args.epochs is not None else defaults_epochs
         config["run_id"] = uuid.uuid4().hex  # lets stage 2 and sampling check they belong to this run
         ckpt = {"config": config, "epoch": 0, "history": [], "versions": versions()}
-    elif args.epochs is not None:
-        ckpt["config"]["epochs"] = args.epochs  # extending a run: the lr schedule depends on the epoch only
+    else:  # extending a run: the lr schedule depends on the epoch only
+        if args.epochs is not None:
+            ckpt["config"]["epochs"] = args.epochs
+        if args.snapshots:
+            ckpt["config"]["snapshots"] = args.snapshots
     if ckpt["config"]["epochs"] < 1:
         die("--epochs must be at least 1")
     return ckpt
@@ -627,13 +630,15 @@ def main(argv=None):
     print(f"encoded {len(images)} images in {time.time() - t0:.1f} s ({len(images) / (time.time() - t0):.0f} images/s)", flush=True)
     save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
     save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
-    # which checkpoint the latents come from: stage2.py refuses latents older than stage1.pt
-    with open(os.path.join(out, "latents.json.tmp"), "w") as f:
-        json.dump({"run_id": cfg["run_id"], "epoch": ckpt["epoch"]}, f)
-    os.replace(os.path.join(out, "latents.json.tmp"), os.path.join(out, "latents.json"))
     save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
-    summary = {"epoch": ckpt["epoch"], "loggamma_x": model.loggamma_x.item(), "run_id": cfg["run_id"],
-               "active_dims(mean sigma_z^2 < 0.5)": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}
+    # Theorem 4: an encoder variance near 0 marks a dimension the decoder uses, near 1 one it ignores
+    summary = {"run_id": cfg["run_id"], "epoch": ckpt["epoch"],
+               "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
+               "active_dims": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}
+    # latents.json says which checkpoint the latents come from: stage2.py refuses latents older than stage1.pt
+    with open(os.path.join(out, "latents.json.tmp"), "w") as f:
+        json.dump(summary, f)
+    os.replace(os.path.join(out, "latents.json.tmp"), os.path.join(out, "latents.json"))
     print("done | " + json.dumps(summary), flush=True)
 
 

@@ -7,7 +7,8 @@ with r = d = kappa, the regime of Theorem 1 where a VAE CAN match the distributi
     python stage2.py --data mnist --epochs 50  # a CPU-sized run
     python stage2.py --bench                   # time the training step (see README, "Speed")
 
-Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py) and writes runs/<data>/stage2.pt.
+Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py) and writes runs/<data>/stage2.pt and
+stage2.json (loggamma_z and Table 3's MMD of q(z) and q(u) to N(0, I)).
 Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image (reference.md).
 """
 import argparse
@@ -75,12 +76,49 @@ def stage2_loss(model, z):
     return rec + kl, rec, kl
 
 
+# ----------------------------------------------------------------------------------------------
+# Section 6, Table 3 and Figure 2: how far is each stage's aggregate posterior from N(0, I)?
+# The paper does not say which kernel or estimator its MMD used, so ours is written down here and
+# its values are comparable with each other (stage 1 vs stage 2), not with the paper's digits.
+
+@torch.inference_mode()
+def aggregate_posterior_samples(model, mu_z, sigma_z, n, seed=0):
+    """Sample matrices Z (n, kappa) from q(z) and U (n, kappa) from q(u), as the paper's Figure 2:
+    z = mu_z + sigma_z eps for n training images drawn at random, u ~ q(u|z) for each of those z."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(mu_z), generator=g)[:n]
+    z = mu_z[idx] + sigma_z[idx] * torch.randn(len(idx), mu_z.shape[1], generator=g)
+    device = next(model.parameters()).device
+    mu_u, log_sigma_u = model.encode(z.to(device))
+    u = mu_u.cpu() + log_sigma_u.exp().cpu() * torch.randn(len(idx), mu_z.shape[1], generator=g)
+    return z, u
+
+
+def mmd_to_standard_normal(samples, seed=0, block=2000):
+    """Unbiased MMD^2 between the rows of `samples` (n, kappa) and n fresh N(0, I) draws
+    (Gretton et al. 2012, eq. 3), with the inverse multiquadratic kernel k(a, b) = C / (C + |a - b|^2),
+    C = 2 kappa: the kernel the WAE paper (Tolstikhin et al. 2018) uses against a N(0, I) prior.
+    Float64, in row blocks so that n = 10,000 needs no 800 MB matrix."""
+    x = torch.as_tensor(samples, dtype=torch.float64).cpu()
+    n, kappa = x.shape
+    y = torch.randn(n, kappa, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    c = 2.0 * kappa
+
+    def kernel_sum(a, b):
+        return sum((c / (c + torch.cdist(a[i:i + block], b) ** 2)).sum() for i in range(0, len(a), block))
+
+    # the diagonal terms k(a_i, a_i) = 1 are left out of the within-sample means (the unbiased estimator)
+    xx = (kernel_sum(x, x) - n) / (n * (n - 1))
+    yy = (kernel_sum(y, y) - n) / (n * (n - 1))
+    return float(xx + yy - 2 * kernel_sum(x, y) / (n * n))
+
+
 def load_latents(out, stage1):
     """mu_z, sigma_z from stage 1, checked: a clear error names the file and the command that makes it."""
     make = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
     record = os.path.join(out, "latents.json")
     source = json.load(open(record)) if os.path.exists(record) else None
-    if source != {"run_id": stage1["config"]["run_id"], "epoch": stage1["epoch"]}:
+    if source is None or [source.get("run_id"), source.get("epoch")] != [stage1["config"]["run_id"], stage1["epoch"]]:
         die(f"{record} says the latents come from {source}, not from stage1.pt (epoch {stage1['epoch']}); "
             f"fix: finish the stage-1 run: `python stage1.py --out {out} --resume`")
     arrays = []
@@ -111,6 +149,7 @@ def parse_args(argv=None):
     common_flags(p, epochs=800, lr_epochs=300)
     p.add_argument("--width", type=int, default=1024, help="hidden units per dense layer (the authors': 1024)")
     p.add_argument("--depth", type=int, default=3, help="hidden dense layers in encoder and decoder (the authors': 3)")
+    p.add_argument("--mmd-n", type=int, default=10000, help="samples per side for Table 3's MMD, computed after training")
     return p.parse_args(argv)
 
 
@@ -150,7 +189,18 @@ def main(argv=None):
         return stage2_loss(model, z)
 
     fit(model, opt, ckpt, len(mu_z), step, path, "loggamma_z")
-    print("done | " + json.dumps({"epoch": ckpt["epoch"], "loggamma_z": model.loggamma_z.item()}), flush=True)
+
+    # Table 3: the MMD of q(z) (what 1-stage sampling wrongly assumes is N(0, I)) and of q(u) (what
+    # 2-stage sampling assumes) to N(0, I); stage 2 should bring it close to 0.
+    model.eval()
+    z, u = aggregate_posterior_samples(model, mu_z.cpu(), sigma_z.cpu(), min(args.mmd_n, len(mu_z)))
+    summary = {"epoch": ckpt["epoch"], "loggamma_z": model.loggamma_z.item(), "stage1": source,
+               "mmd_stage1": mmd_to_standard_normal(z), "mmd_stage2": mmd_to_standard_normal(u),
+               "mmd_estimator": f"unbiased MMD^2, IMQ kernel C = 2 kappa, n = {len(z)}"}
+    with open(os.path.join(out, "stage2.json.tmp"), "w") as f:
+        json.dump(summary, f)
+    os.replace(os.path.join(out, "stage2.json.tmp"), os.path.join(out, "stage2.json"))
+    print("done | " + json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

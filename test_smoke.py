@@ -258,20 +258,29 @@ def test_pipeline_stage1_stage2_sample(tmp_path):
     assert mu_z.shape == sigma_z.shape == (256, 8) and mu_z.dtype == sigma_z.dtype == np.float32
     assert np.isfinite(mu_z).all() and (sigma_z > 0).all()
     assert (run_dir / "stage1_recon.png").stat().st_size > 0
+    latents = json.loads((run_dir / "latents.json").read_text())  # what stage2.py and results/table1.py read
+    assert latents["run_id"] == ck["config"]["run_id"] and latents["epoch"] == 2
+    assert latents["loggamma_x"] == ck["model"]["loggamma_x"].item()
+    assert latents["active_dims"] == int(((sigma_z ** 2).mean(0) < 0.5).sum())
 
     run("stage2.py", "--data", "mnist", "--out", run_dir, "--epochs", 2, *TINY2)  # loggamma_z is learned too
     ck2 = state(run_dir / "stage2.pt")
     assert ck2["stage1"] == {"run_id": ck["config"]["run_id"], "epoch": 2, "data": "mnist"}
     assert ck2["model"]["loggamma_z"].item() != 0 and np.isfinite(ck2["history"][-1]["loss"])
+    summary2 = json.loads((run_dir / "stage2.json").read_text())  # Table 3's numbers, after training
+    assert summary2["epoch"] == 2 and summary2["loggamma_z"] == ck2["model"]["loggamma_z"].item()
+    assert "n = 256" in summary2["mmd_estimator"] and all(np.isfinite([summary2["mmd_stage1"], summary2["mmd_stage2"]]))
 
     for flags, name in ((["--stage", 2], "samples"), (["--stage", 1], "samples_stage1"),
-                        (["--recon", "--data-root", root], "recon")):
+                        (["--stage", 2, "--no-z-noise"], "samples_no_z_noise"), (["--recon", "--data-root", root], "recon")):
         run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16, *flags)
         x = np.load(run_dir / f"{name}.npy")
         assert x.shape == (30, 1, 28, 28) and x.dtype == np.float32 and np.isfinite(x).all()
         assert 0 <= x.min() and x.max() <= 1 and x.std() > 0
         assert (run_dir / f"{name}.png").stat().st_size > 0
         fid.as_nchw(x)  # what sample.py writes, fid.py accepts
+    # the same u (same seed) with and without the gamma_z eps term: different images
+    assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_no_z_noise.npy"))
 
     # stage 1 trained on: stage2.pt no longer fits it, and sampling says so
     run("stage1.py", "--out", run_dir, "--resume", "--epochs", 3, "--data-root", root)
@@ -297,6 +306,104 @@ def test_resume_equals_uninterrupted(tmp_path):
     sa, sb = state(a / "stage2.pt"), state(b / "stage2.pt")
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_mmd_is_the_unbiased_imq_estimator():
+    """Table 3's MMD against a direct double loop over the pairs (Gretton et al. 2012, eq. 3)."""
+    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.5 + 0.3
+    y = torch.randn(30, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)  # what seed=7 draws
+    k = lambda a, b: 6.0 / (6.0 + float(((a - b) ** 2).sum()))  # C = 2 kappa = 6
+    n = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(n)) / (n * n)
+    assert stage2.mmd_to_standard_normal(x, seed=7, block=7) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    # unbiased: about 0 for N(0, I) samples, clearly positive for q(z)-like samples (most dims near 0)
+    g = torch.Generator().manual_seed(3)
+    same = [stage2.mmd_to_standard_normal(torch.randn(400, 8, generator=g), seed=s) for s in range(5)]
+    squeezed = torch.randn(400, 8, generator=g) * torch.tensor([1.0] * 2 + [0.1] * 6)
+    assert abs(np.mean(same)) < 2e-3 and stage2.mmd_to_standard_normal(squeezed) > 0.05
+
+
+def test_aggregate_posterior_samples_draw_from_both_posteriors():
+    """Z ~ q(z) = mu_z + sigma_z eps, then U ~ q(u|z): checked with a stub stage-2 encoder
+    q(u|z) = N(z / 2, 0.3^2 I), so U's mean and spread are known in closed form."""
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))  # for the device lookup
+
+        def encode(self, z):
+            return z / 2, torch.full_like(z, math.log(0.3))
+
+    n, kappa = 20000, 4
+    mu_z, sigma_z = torch.full((n, kappa), 2.0), torch.full((n, kappa), 0.5)
+    z, u = stage2.aggregate_posterior_samples(Stub(), mu_z, sigma_z, n=10000)
+    assert z.shape == u.shape == (10000, kappa)
+    assert z.mean().item() == pytest.approx(2.0, abs=0.02) and z.std().item() == pytest.approx(0.5, rel=0.02)
+    # u = z / 2 + 0.3 eps: mean 1, variance 0.25^2 + 0.3^2
+    assert u.mean().item() == pytest.approx(1.0, abs=0.02) and u.std().item() == pytest.approx((0.0625 + 0.09) ** 0.5, rel=0.02)
+
+
+def test_table1_driver_runs_resumes_and_summarises(tmp_path, monkeypatch):
+    """results/table1.py end to end at a toy budget: every row, Table 3, a two-point budget curve
+    from a long run's snapshots; a second call finds everything done and runs no script."""
+    root = mnist_root(tmp_path)
+    monkeypatch.setenv("TWOSTAGE_INCEPTION", str(need(FID_WEIGHTS)))
+    long_run, out = tmp_path / "long", tmp_path / "table1"
+    run("stage1.py", "--data-root", root, "--out", long_run, "--epochs", 2, "--snapshots", "1,2", "--limit", 128)
+    args = ["--seeds", 0, "--stage1-epochs", 1, "--stage2-epochs", 1, "--limit", 128, "--n-fid", 12, "--fid-ref-n", 12,
+            "--fid-cache", tmp_path / "fid_stats", "--curve", long_run, "--curve-epochs", "1,2", "--curve-n-fid", 12,
+            "--out", out, "--json", tmp_path / "t1.json", "--data-root", root]
+    r = run("results/table1.py", *args)
+    summary = json.loads((tmp_path / "t1.json").read_text())
+    assert set(summary["rows"]) == {"two_stage", "vae_learned_gamma", "vae_fixed_gamma", "vae_cross_entropy"}
+    assert all(np.isfinite(row["fid"]) and row["n_trials"] == 1 for row in summary["rows"].values())
+    assert np.isfinite(summary["rows"]["two_stage"]["fid_minmax"]) and set(summary["mmd"]) >= {"stage1", "stage2"}
+    assert [p["stage1_epochs"] for p in summary["budget_curve"]] == [1, 2]
+    assert summary["budget_curve"][1]["loggamma_x"] < summary["budget_curve"][0]["loggamma_x"] < 0
+    # the learned-gamma trial started from the long run's epoch-1 snapshot (no training of its own),
+    # and each row's FID is the one fid.py wrote beside that row's samples
+    trial = summary["trials"]["learned-gamma/seed0"]
+    assert trial["seconds"]["stage1_from"] == str(long_run / "stage1_e0001.pt")
+    assert not re.search(r"^epoch \d+/\d+ .*loggamma_x", (out / "learned-gamma" / "seed0" / "log.txt").read_text(), re.M)
+    fid_of = lambda d, name: json.loads((out / d / "seed0" / f"{name}.fid.json").read_text())["fid"]
+    assert summary["rows"]["two_stage"]["fid"] == fid_of("learned-gamma", "samples")
+    assert summary["rows"]["vae_learned_gamma"]["fid"] == fid_of("learned-gamma", "samples_stage1")
+    assert summary["rows"]["vae_fixed_gamma"]["fid"] == fid_of("fixed-gamma", "samples_stage1")
+    assert summary["rows"]["vae_cross_entropy"]["fid"] == fid_of("cross-entropy", "samples_stage1")
+    assert trial["fid_one_stage"] == summary["budget_curve"][0]["fid_one_stage"]  # the same model, sampled alike
+    assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0 and "vae_cross_entropy" in r.stdout
+    logs = {p: p.read_text() for p in out.rglob("log.txt")}
+    assert len(logs) == 5  # three decoders + two curve points
+    run("results/table1.py", *args)
+    assert {p: p.read_text() for p in out.rglob("log.txt")} == logs  # nothing re-ran
+    assert json.loads((tmp_path / "t1.json").read_text())["rows"] == summary["rows"]
+
+
+def test_theory_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    """theory.ipynb executed as CI does: no run directory, so it trains a tiny one itself; any
+    cell's error fails the test. The executed copy goes to tmp_path, never over the committed one."""
+    if IN_CI:  # installed by .ci/run: a missing package is a failure there
+        import nbclient
+        import nbformat
+    else:
+        nbclient = pytest.importorskip("nbclient")
+        nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("matplotlib") if not IN_CI else __import__("matplotlib")
+    monkeypatch.setenv("TWOSTAGE_DATA", str(mnist_root(tmp_path)))
+    monkeypatch.setenv("TWOSTAGE_RUN", str(tmp_path / "nb_run"))
+    monkeypatch.setenv("TWOSTAGE_FIXED", str(tmp_path / "nb_fixed"))
+    monkeypatch.setenv("TWOSTAGE_NB_EPOCHS", "1")
+    monkeypatch.setenv("TWOSTAGE_NB_LIMIT", "256")
+    nb = nbformat.read(HERE / "theory.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    nbformat.write(nb, tmp_path / "executed.ipynb")
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "used dimensions (mean sigma_z^2 < 0.5)" in text and "stage 2: q(u)" in text
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images == 5  # Figure 1a, the variances, Figure 1b, Figure 2, the sample grids
+    assert (tmp_path / "nb_run" / "stage2.pt").exists() and (tmp_path / "nb_fixed" / "stage1.pt").exists()
 
 
 def test_stage2_refuses_bad_latents(tmp_path):
