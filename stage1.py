@@ -343,7 +343,10 @@ def set_rng_state(state):
 def save_atomic(obj, path):
     """Write to a temporary name, then rename: a kill mid-write never leaves a broken file."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    if isinstance(obj, np.ndarray):
+    if path.endswith(".json"):  # small records: latents.json, stage2.json, results/table1.py's
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    elif isinstance(obj, np.ndarray):
         with open(tmp, "wb") as f:
             np.save(f, obj)
     else:
@@ -636,9 +639,7 @@ def main(argv=None):
                "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
                "active_dims": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}
     # latents.json says which checkpoint the latents come from: stage2.py refuses latents older than stage1.pt
-    with open(os.path.join(out, "latents.json.tmp"), "w") as f:
-        json.dump(summary, f)
-    os.replace(os.path.join(out, "latents.json.tmp"), os.path.join(out, "latents.json"))
+    save_atomic(summary, os.path.join(out, "latents.json"))
     print("done | " + json.dumps(summary), flush=True)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from stage1 import (bench, common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
-                    make_optimizer, restore, start_or_resume)
+                    make_optimizer, restore, save_atomic, start_or_resume)
 
 
 class MLP(nn.Module):
@@ -197,9 +197,7 @@ def main(argv=None):
     summary = {"epoch": ckpt["epoch"], "loggamma_z": model.loggamma_z.item(), "stage1": source,
                "mmd_stage1": mmd_to_standard_normal(z), "mmd_stage2": mmd_to_standard_normal(u),
                "mmd_estimator": f"unbiased MMD^2, IMQ kernel C = 2 kappa, n = {len(z)}"}
-    with open(os.path.join(out, "stage2.json.tmp"), "w") as f:
-        json.dump(summary, f)
-    os.replace(os.path.join(out, "stage2.json.tmp"), os.path.join(out, "stage2.json"))
+    save_atomic(summary, os.path.join(out, "stage2.json"))
     print("done | " + json.dumps(summary), flush=True)
 
 

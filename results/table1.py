@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
-from stage1 import die, load_checkpoint, versions  # noqa: E402
+from stage1 import die, load_checkpoint, save_atomic, versions  # noqa: E402
 
 PAPER = {"two_stage": 12.6, "vae_learned_gamma": 54.5, "vae_fixed_gamma": 52.0, "vae_cross_entropy": 16.6}
 PAPER_STD = {"two_stage": 1.5, "vae_learned_gamma": 1.0, "vae_fixed_gamma": 0.6, "vae_cross_entropy": 0.4}
@@ -127,9 +127,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, env, snapshot=None):
             key = ("fid_two_stage" if stage == 2 else "fid_one_stage") + ("_minmax" if flag else "")
             record[key] = read_json(out)["fid"]
     record["seconds"] = seconds
-    with open(os.path.join(d, "trial.json.tmp"), "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(os.path.join(d, "trial.json.tmp"), os.path.join(d, "trial.json"))
+    save_atomic(record, os.path.join(d, "trial.json"))
     print(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith(("fid", "loggamma", "mmd_stage", "active")) and v is not None), flush=True)
     return record
 
@@ -264,9 +262,7 @@ def main(argv=None):
         summary["loggamma_x"] = float(np.mean([t["loggamma_x"] for t in learned]))
     path = a.json or os.path.join(out, "summary.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_atomic(summary, path)
     if curve:
         plot_curve(curve, a.plot or os.path.join(os.path.dirname(path), f"{a.data}_budget_curve.png"), a.fid_ref_n, a.data)
 
