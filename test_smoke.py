@@ -202,9 +202,9 @@ def test_diverging_training_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_our_step_follows_the_plain_step(stage):
-    """The speed work (output-scaled spectral norm, fused Adam) changes no result: 5 steps of our step
-    and of a plain eager step (torch's spectral_norm, torch.optim.Adam at its defaults) give the same
-    loss trajectory to float tolerance."""
+    """The speed work (output-scaled spectral norm with W v from the layer's own matmul, fused Adam,
+    the allocator setting) changes no result: 5 steps of our step and of a plain eager step (torch's
+    spectral_norm, torch.optim.Adam at its defaults) give the same loss trajectory to float tolerance."""
     if stage == 1:  # plain: torch's own spectral_norm parametrization; ours: stage1.SpectralNorm
         config = {"data": "mnist", "arch": "infogan", "latent_dim": 64, "loss": "learned-gamma"}
         build, loss_fn = lambda plain: stage1.build_model(config, torch_sn=plain), \
@@ -219,6 +219,8 @@ def test_our_step_follows_the_plain_step(stage):
         model = build(plain)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=1e-4) if plain else stage1.make_optimizer(model, 1e-4)
+        if not plain:
+            stage1.reuse_freed_memory()  # as fit() does
         losses = []
         for x in batches:
             loss = loss_fn(model, x)[0]
@@ -233,6 +235,19 @@ def test_our_step_follows_the_plain_step(stage):
     # parameters are not compared one by one: a bias right before a BatchNorm has a gradient of pure
     # rounding noise, which Adam (m / sqrt v) turns into full-size steps of random sign in both runs
     torch.testing.assert_close(runs[0][1][0], runs[1][1][0], rtol=1e-5, atol=0)  # loggamma (first param)
+
+
+def test_bench_prints_the_three_variants_against_the_floor(capsys):
+    """--bench (README, "Speed"): one row per variant, each ratio its ms / floor ms and ms / plain ms."""
+    rows, floor = stage2.main(["--bench", "--width", "64", "--device", "cpu"])
+    assert list(rows) == ["plain", "ours", "plain+mem"] and floor > 0
+    printed = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()
+               if line.split() and line.split()[0] in rows}
+    for variant, (ms, per_s, floor_ms, x_floor, x_plain) in printed.items():
+        assert ms == pytest.approx(rows[variant] * 1e3, abs=0.05) and floor_ms == pytest.approx(floor * 1e3, abs=0.05)
+        assert x_floor == pytest.approx(rows[variant] / floor, abs=0.006)
+        assert x_plain == pytest.approx(rows[variant] / rows["plain"], abs=0.006)
+        assert per_s == pytest.approx(64 / rows[variant], rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------
