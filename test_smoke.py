@@ -486,6 +486,9 @@ def test_fid_features_match_reference_network(inception, fid_fixture):
     ours = fid.features(fid_fixture["mnist_u8"], inception, batch_size=16, progress=False)  # uint8 path
     assert ours.shape == (32, 2048) and ours.dtype == np.float32
     assert np.abs(ours - fid_fixture["mnist_pool3"]).max() < 1e-4
+    # fid.py's CPU default of 5 images a batch (TTUR: 50) gives the same features, a partial batch included
+    fives = fid.features(fid_fixture["mnist_u8"][:7], inception, batch_size=5, progress=False)
+    np.testing.assert_allclose(fives, ours[:7], rtol=0, atol=1e-5)
     # rand_f32 is float on the 0..255 scale: straight into the resize path, not the [0, 1] validator
     x = torch.from_numpy(fid_fixture["rand_f32"]).permute(0, 3, 1, 2)
     with torch.inference_mode():
