@@ -50,7 +50,7 @@ def generate(vae1, vae2, n, batch, device, z_noise=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a Two-Stage VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Sample from a Two-Stage VAE.", formatter_class=stage1.HelpWithDefaults)
     p.add_argument("--data", default="mnist", choices=sorted(stage1.SHAPES), help="data set (picks the default --out)")
     p.add_argument("--out", default=None, help="run directory holding stage1.pt / stage2.pt (default: runs/<data>)")
     p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="2: u -> z -> x; 1: z ~ N(0, I) -> x")

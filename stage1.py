@@ -457,6 +457,13 @@ def epoch_list(text):
     return text
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends each flag's default, unless its help already says it (as the shared flags do)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
 def common_flags(p, epochs, lr_epochs):
     """Flags both stages share; defaults are the authors' (reference.md)."""
     p.add_argument("--data", default="mnist", choices=sorted(SHAPES), help="data set (default: mnist)")
@@ -633,7 +640,7 @@ def bench_stage1(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 1: the learned-gamma VAE (Dai & Wipf 2019).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     common_flags(p, epochs=400, lr_epochs=150)
     p.add_argument("--data-root", default=os.environ.get(DATA_ENV, "./data"),
                    help=f"torchvision data root; files are downloaded there if absent (env {DATA_ENV})")

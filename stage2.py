@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stage1 import (bench, common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
+from stage1 import (HelpWithDefaults, bench, common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
                     make_optimizer, restore, save_atomic, start_or_resume)
 
 
@@ -145,7 +145,7 @@ def load_latents(out, stage1):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 2: a VAE on stage 1's latents (Dai & Wipf 2019).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     common_flags(p, epochs=800, lr_epochs=300)
     p.add_argument("--width", type=int, default=1024, help="hidden units per dense layer (the authors': 1024)")
     p.add_argument("--depth", type=int, default=3, help="hidden dense layers in encoder and decoder (the authors': 3)")

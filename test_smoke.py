@@ -453,6 +453,7 @@ def test_help_lists_every_flag_with_its_default():
         for flag in flags + ["--device"]:
             assert flag in out, (script, flag)
         assert "default" in out
+        assert not re.search(r"\(default:[^)]*\)\s+\(default:", out), (script, "a default said twice")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
-from stage1 import die, load_checkpoint, save_atomic, versions  # noqa: E402
+from stage1 import HelpWithDefaults, die, load_checkpoint, save_atomic, versions  # noqa: E402
 
 PAPER = {"two_stage": 12.6, "vae_learned_gamma": 54.5, "vae_fixed_gamma": 52.0, "vae_cross_entropy": 16.6}
 PAPER_STD = {"two_stage": 1.5, "vae_learned_gamma": 1.0, "vae_fixed_gamma": 0.6, "vae_cross_entropy": 0.4}
@@ -180,7 +180,7 @@ def plot_curve(curve, path, ref_n, data):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Table 1 (MNIST column) and Table 3 with this project's scripts.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--data", default="mnist", help="data set (Table 1's other columns: fashion, cifar10, celeba)")
     p.add_argument("--seeds", type=seeds, default=seeds("0-9"), help="trials, e.g. 0-9 (the paper: 10) or 0,1")
     p.add_argument("--decoders", default="learned-gamma,fixed-gamma,cross-entropy", help="stage-1 decoders to run")
