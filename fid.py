@@ -464,7 +464,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=DATA_ROOT,
                    help="torchvision data root (default $TWOSTAGE_DATA, else ./data)")
     p.add_argument("--batch-size", type=int, help="images per Inception pass (default: 50 on a GPU, as TTUR; "
-                   "5 on the CPU, see below)")
+                   "5 on the CPU: faster there, the same features)")
     p.add_argument("--device", default=default_device(),
                    help="default cuda if available, else cpu")
     args = p.parse_args(argv)
