@@ -555,39 +555,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def seconds_per_call(fn, device, reps, warmup=3):
+def call_seconds(fn, device, reps, warmup=3):
+    """Wall time of each of reps calls of fn, after warmup calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / reps
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def machine_rates(device):
     """(float32 matmul FLOP/s, memory bandwidth in bytes/s counting read + write) of this device."""
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    flops = 2 * 2048 ** 3 / min(seconds_per_call(lambda: a @ b, device, reps=5) for _ in range(3))
+    flops = 2 * 2048 ** 3 / min(np.mean(call_seconds(lambda: a @ b, device, reps=5)) for _ in range(3))
     x = torch.randn(2 ** 26, device=device)  # 256 MB: far beyond the caches
     y = torch.empty_like(x)
-    bandwidth = 2 * x.numel() * 4 / min(seconds_per_call(lambda: y.copy_(x), device, reps=3) for _ in range(5))
+    bandwidth = 2 * x.numel() * 4 / min(np.mean(call_seconds(lambda: y.copy_(x), device, reps=3)) for _ in range(5))
     return flops, bandwidth
-
-
-def median_step_seconds(step, device, steps, warmup=5):
-    """Median wall time of one call: robust to the odd hiccup of a shared machine."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def bench(title, build, loss_fn, batch, device, steps=30):
@@ -612,7 +601,7 @@ def bench(title, build, loss_fn, batch, device, steps=30):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        rows[variant] = median_step_seconds(step, device, steps)
+        rows[variant] = float(np.median(call_seconds(step, device, steps, warmup=5)))  # robust to the odd hiccup
         if variant == "ours":  # the floor is ours: its FLOPs and parameters
             with FlopCounterMode(display=False) as counter:
                 loss_fn(model, batch)[0].backward()
