@@ -5,7 +5,7 @@
     python fid.py --data mnist --samples runs/mnist/samples.npy --authors-minmax   # authors' convention
     python fid.py a.npy b.npy                                      # FID between two image arrays
 
-Protocol (../shared/reference.md, "FID as the paper reports it"; TTUR fid.py): the 2015-12-05
+Protocol (docs/protocol.md, "FID"; TTUR's fid.py, the authors' fid_score.py): the 2015-12-05
 Inception graph, 2048-d pool_3 features; images as float in [0, 255] at native size, grey
 replicated to 3 channels, LEGACY TensorFlow bilinear resize to 299x299, then (x - 128) / 128;
 mean and covariance in float64; FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)).
@@ -24,6 +24,7 @@ file into that place (skipped when $TWOSTAGE_NO_DOWNLOAD=1). Data root: --data-r
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -225,7 +226,11 @@ def find_weights(path=None):
 
 def load_inception(path=None, device="cpu"):
     """FIDInceptionV3 in eval mode with the TF 2015-12-05 weights (pytorch-fid key layout)."""
-    weights = find_weights(path)
+    return _load_inception(find_weights(path), device)
+
+
+@functools.lru_cache(maxsize=2)  # results/table1.py computes several FIDs in one process: load once
+def _load_inception(weights, device):
     state = torch.load(weights, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier not needed for pool_3
     model = FIDInceptionV3()
@@ -341,18 +346,25 @@ def statistics(feats):
 
 
 def _product_eigenvalues(s1, s2):
-    # S1 S2 has the eigenvalues of A = sqrt(S1) S2 sqrt(S1) (eig(XY) = eig(YX) with X = sqrt(S1)),
-    # and A is symmetric PSD, so eigh does what scipy.linalg.sqrtm(S1 S2) does in TTUR, without scipy.
+    # S1 S2 has the eigenvalues of B^T S2 B where S1 = B B^T (eig(XY) = eig(YX)), B = V sqrt(W) from
+    # S1 = V W V^T. B^T S2 B is symmetric PSD, so eigvalsh does what scipy.linalg.sqrtm(S1 S2) does in
+    # TTUR, without scipy. Only S1's nonzero directions are kept (the rest add 0 to the trace): with
+    # fewer images than dimensions the product is then small, and with more it costs one matmul less.
     w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # clip: S1 is PSD, negative w are rounding
-    a = root1 @ s2 @ root1
+    keep = w > max(w.max(), 0) * len(w) * np.finfo(np.float64).eps  # S1 is PSD: smaller w are rounding noise
+    if not keep.any():
+        return np.zeros(1)  # S1 = 0: S1 S2 = 0
+    b = v[:, keep] * np.sqrt(w[keep])
+    a = b.T @ s2 @ b
     return np.linalg.eigvalsh((a + a.T) / 2)
 
 
+# Exercise 8: the Frechet distance between two Gaussians, the FID of Section 5 (Heusel et al. 2017)
 def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
-    """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))   (reference.md; TTUR fid.py)
+    """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), float, for means (D,) and
+    covariances (D, D) (docs/protocol.md, "FID"; TTUR's fid.py).
 
-    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of sqrt(S1) S2 sqrt(S1). As TTUR and
+    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2 (_product_eigenvalues). As TTUR and
     pytorch-fid: if the product is too singular for its square root (non-finite result, or an
     eigenvalue below -1e-6, i.e. an imaginary part of its root above 1e-3), retry with eps * I added
     to both covariances; if that still gives one, raise (they raise on an imaginary part > 1e-3)."""
@@ -473,7 +485,7 @@ def main(argv=None):
     if args.batch_size is None:
         # On the CPU, batches of 5 keep every activation (the largest: 5 x 64 x 147 x 147 floats, 28 MB)
         # under glibc's 32 MB mmap threshold, so with reuse_freed_memory() no page is faulted in afresh
-        # each batch: 19.2 images/s at 50 -> 30.5 at 5 (300 MNIST digits, 2 cores; README, "Speed").
+        # each batch: 19.2 images/s at 50 -> 30.5 at 5 (300 MNIST digits, 2 cores; results/README.md, "Speed").
         # The features do not depend on the batch (the network is in eval mode).
         args.batch_size = 50 if torch.device(args.device).type == "cuda" else 5
     if args.batch_size < 1:

@@ -1,4 +1,4 @@
-"""Draw images from a trained Two-Stage VAE (Dai & Wipf 2019, Section 4 and reference.md, "Sampling").
+"""Draw images from a trained Two-Stage VAE (Dai & Wipf 2019, Section 4; docs/protocol.md, "Sampling").
 
     python sample.py --data mnist              # 2-stage: u ~ N(0, I), z = z_hat(u) + gamma_z eps, x = x_hat(z)
     python sample.py --data mnist --stage 1    # the baseline the paper beats: z ~ N(0, I), x = x_hat(z)
@@ -30,11 +30,14 @@ def load_model(path, build, device, what):
     return model.eval(), ckpt
 
 
+# Exercise 7: two-stage sampling u -> z -> x (Section 4)
 @torch.inference_mode()
 def generate(vae1, vae2, n, batch, device, z_noise=True):
-    """n images (n, C, H, W) in [0, 1], batch by batch; vae2 None means one-stage sampling.
-    z_noise False drops the gamma_z eps term (z = z_hat(u)): a diagnostic, not the authors' rule."""
-    kappa = vae1.decoder.net[0].in_features
+    """n images (n, C, H, W) in [0, 1], batch by batch: u ~ N(0, I), z ~ p(z|u) = N(z_hat(u),
+    gamma_z^2 I) with gamma_z = exp(vae2.loggamma_z) a standard deviation, x = x_hat(z), the decoder
+    mean. vae2 None means one-stage sampling, z ~ N(0, I). z_noise False drops the gamma_z eps term
+    (z = z_hat(u), the same u): a diagnostic, not the authors' rule."""
+    kappa = vae1.latent_dim
     out = []
     for i in range(0, n, batch):
         b = min(batch, n - i)

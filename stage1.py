@@ -1,21 +1,26 @@
 """Stage 1 of the Two-Stage VAE (Dai & Wipf, "Diagnosing and Enhancing VAE Models", ICLR 2019).
 
-A kappa-simple VAE whose Gaussian decoder learns its own variance gamma (Sections 2-3). The paper
-shows that at the optimum gamma -> 0 (Theorem 3) and the encoder variances split into ~0 for the
-r dimensions the decoder uses and ~1 for the rest (Theorem 4), so the aggregate posterior q(z) is
-NOT N(0, I) and sampling z ~ N(0, I) gives poor images; stage 2 (stage2.py) fixes that.
+A kappa-simple VAE whose Gaussian decoder learns its own variance gamma (Sections 2-3). At the
+optimum gamma -> 0 (Theorem 3), and the encoder variances split into ~0 for the r dimensions the
+decoder uses and ~1 for the rest (Theorem 4), so the aggregate posterior q(z) is NOT N(0, I) and
+sampling z ~ N(0, I) gives poor images. Stage 2 (stage2.py) fixes that.
 
+    python stage1.py --data mnist --epochs 10  # CPU-sized (its time: README, "Quick start")
     python stage1.py --data mnist              # the paper's protocol: 400 epochs, batch 64, Adam 1e-4
-    python stage1.py --data mnist --epochs 20  # a CPU-sized run
     python stage1.py --data mnist --resume     # continue a killed run from runs/mnist/stage1.pt
-    python stage1.py --bench                   # time the training step (see README, "Speed")
 
-Writes to --out (default runs/<data>): stage1.pt (checkpoint, rewritten atomically every epoch),
-mu_z.npy and sigma_z.npy (the encoder's q(z|x) for the whole training split, n x kappa float32,
-read by stage2.py; latents.json names the checkpoint they come from) and stage1_recon.png (top: data, bottom: reconstructions).
+Reads the training split through torchvision (--data-root). Writes to --out (default runs/<data>):
+stage1.pt (the checkpoint, rewritten atomically after every epoch), mu_z.npy and sigma_z.npy
+(q(z|x) for the whole training split, n x kappa float32, read by stage2.py), latents.json (the
+checkpoint they come from, loggamma_x, used dimensions) and stage1_recon.png (data above,
+reconstructions below).
 
-Notation: the authors' code, like ours, keeps gamma_x = exp(loggamma_x) as a STANDARD DEVIATION.
-The paper's gamma (a variance, eqs. 8-9) is gamma_x ** 2.
+Reading order: data, model, loss (eqs. 2, 8, 9), the training loop, encoding for stage 2, main.
+Everything the paper does not describe (checkpoints, RNG, atomic writes, flags) is at the end.
+The protocol's details, with the paper's and the authors' code's sources: docs/protocol.md.
+
+Notation: our gamma_x = exp(loggamma_x) is a STANDARD DEVIATION, as in the authors' code; the
+paper's gamma (a variance, eqs. 8-9) is gamma_x ** 2.
 """
 import argparse
 import ctypes
@@ -32,62 +37,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.parametrizations import spectral_norm
-
-DATA_ENV = "TWOSTAGE_DATA"  # environment variable: default --data-root (e.g. a shared offline copy)
-# data set -> (torchvision folder under the root, channels, side length); reference.md, "Data"
-SHAPES = {"mnist": (1, 28), "fashion": (1, 28), "cifar10": (3, 32), "celeba": (3, 64)}
-FOLDERS = {"mnist": "MNIST/raw", "fashion": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py",
-           "celeba": "celeba (img_align_celeba/ and the list_*.txt files)"}
-
-
-def die(msg):
-    """A clear one-line error and a non-zero exit; nothing half-written is left behind."""
-    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twostage'}: error: {msg}")
-
 
 # ----------------------------------------------------------------------------------------------
 # Data: the whole split as one uint8 tensor (N, C, H, W); pixels become x = uint8 / 255 in [0, 1]
-# only inside the training step, as the authors do.
+# only inside the training step (docs/protocol.md, "Data").
 
-def _celeba(root, train):
-    """The authors' CelebA: crop rows 45:173, cols 25:153 (128x128) of the aligned 178x218 image,
-    then resize to 64x64 bilinearly (their preprocess.py, scipy imresize = PIL bilinear). Decoding
-    160k JPEGs takes minutes, so the result is cached once as .npy beside the images."""
-    from PIL import Image
-    from torchvision.datasets import CelebA
-    split = "train" if train else "test"
-    ds = CelebA(root, split=split, target_type=[], download=False)
-    cache = os.path.join(root, "celeba", f"twostage_crop128_64x64_{split}.npy")
-    if os.path.exists(cache):
-        return np.load(cache)
-    images = np.empty((len(ds.filename), 64, 64, 3), np.uint8)
-    for i, name in enumerate(ds.filename):  # JPEG decoding is per file: no way around a loop here
-        with Image.open(os.path.join(root, "celeba", "img_align_celeba", name)) as im:
-            images[i] = np.asarray(im.convert("RGB").crop((25, 45, 153, 173)).resize((64, 64), Image.BILINEAR))
-    tmp = cache + f".{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, images)
-    os.replace(tmp, cache)
-    return images
-
-
-def _torchvision_images(data, root, train, download):
-    import torchvision.datasets as tvd
-    if data == "celeba":
-        if download:  # torchvision fetches CelebA from Google Drive; then we crop and resize it
-            tvd.CelebA(root, split="train" if train else "test", target_type=[], download=True)
-        return torch.from_numpy(_celeba(root, train)).permute(0, 3, 1, 2)
-    cls = {"mnist": tvd.MNIST, "fashion": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[data]
-    ds = cls(root, train=train, download=download)
-    if data == "cifar10":  # numpy (N, 32, 32, 3)
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2)
-    return ds.data.unsqueeze(1)  # MNIST / Fashion: torch uint8 (N, 28, 28) -> (N, 1, 28, 28)
+SHAPES = {"mnist": (1, 28), "fashion": (1, 28), "cifar10": (3, 32), "celeba": (3, 64)}  # (channels, side)
+FOLDERS = {"mnist": "MNIST/raw", "fashion": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py",
+           "celeba": "celeba (img_align_celeba/ and the list_*.txt files)"}  # torchvision's, under the root
+DATA_ENV = "TWOSTAGE_DATA"  # environment variable: the default --data-root
 
 
 def load_images(data, root, train=True):
-    """uint8 tensor (N, C, H, W) of a split, read through torchvision's dataset classes. Local files
-    first; if absent, torchvision's download; if that fails too (offline), one clear error."""
+    """uint8 tensor (N, C, H, W) of a split, read through torchvision's dataset classes (CelebA
+    cropped as the authors did: _celeba). Local files first; if absent, torchvision's download; if
+    that fails too (offline), one clear error."""
     if data not in SHAPES:
         die(f"unknown data set '{data}'; fix: use one of {', '.join(SHAPES)}")
     try:
@@ -105,13 +69,13 @@ def load_images(data, root, train=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model. reference.md, "Stage 1": the 'InfoGAN' neutral architecture of Table 1, and the 'WAE'
-# architecture of Table 2. Weights ~ normal(0, 0.02), biases 0, as in the authors' util.py.
+# Model (docs/protocol.md, "Stage 1"): the 'InfoGAN' neutral architecture of Table 1, and the
+# 'WAE' architecture of Table 2. Initialisation as the authors' network/util.py.
 
 def init(layer):
-    if isinstance(layer, nn.Conv2d):  # the authors' util.conv2d: TF's truncated normal (cut at 2 std)
+    if isinstance(layer, nn.Conv2d):  # util.conv2d: TF's truncated normal, std 0.02, cut at 2 std
         nn.init.trunc_normal_(layer.weight, 0.0, 0.02, -0.04, 0.04)
-    else:                             # util.linear and util.deconv2d: a plain normal
+    else:                             # util.linear and util.deconv2d: a plain normal(0, 0.02)
         nn.init.normal_(layer.weight, 0.0, 0.02)
     nn.init.zeros_(layer.bias)
     return layer
@@ -136,12 +100,13 @@ class SpectralNorm(nn.Module):
     """A layer whose weight W is divided by its largest singular value sigma (Miyato et al. 2018),
     estimated by one power iteration per training step, as the authors do on every encoder layer
     (it keeps the encoder Lipschitz; the decoder has none). The gradient flows through
-    sigma = u.W v, as in torch and in the authors' TF. Same numbers as torch's
-    parametrizations.spectral_norm: the same u, v draws and 16 warm-up iterations (torch's 15 plus
-    the one its registration check runs; the authors' TF has none, a difference gone after a few
-    hundred steps). Why not torch's: it divides the WEIGHT by sigma, which costs several passes over
-    the 6.4M-entry dense weight in the backward pass; we divide the layer's OUTPUT (64 x 1024)
-    instead (stage 1 step on CPU: 89.6 -> 65.4 ms, README "Speed")."""
+    sigma = u.W v, as in torch and in the authors' TF. The same numbers as torch's
+    parametrizations.spectral_norm with the same u, v (results/speed.py swaps one for the other;
+    test_smoke.py checks the trajectories agree). 16 warm-up iterations: torch's 15 plus the one
+    its registration check runs (the authors' TF has none, a difference gone after a few hundred
+    steps). Why not torch's: it divides the WEIGHT by sigma, which costs several passes over the
+    6.4M-entry dense weight in the backward pass; we divide the layer's OUTPUT instead
+    (results/README.md, "Speed")."""
 
     def __init__(self, layer, warmup=16):
         super().__init__()
@@ -169,7 +134,6 @@ class SpectralNorm(nn.Module):
         # v rides along as one more input row, so one matmul gives both x W^T and W v (sigma = u.W v),
         # and its backward, g^T [x; v^T], folds sigma's rank-one gradient into the same pass over the
         # 6.4M-entry weight instead of an outer product plus a sum of two weight-sized gradients
-        # (stage 1 step on CPU, median of 60: 71.7 -> 68.6 ms over three alternating runs)
         y = F.linear(torch.cat([x, self.v[None]]), w)  # (B + 1, out)
         sigma = self.u @ y[-1]
         return y[:-1] / sigma + b
@@ -178,12 +142,10 @@ class SpectralNorm(nn.Module):
 class InfoganEncoder(nn.Module):
     """q(z|x) = N(mu_z, diag(sigma_z^2)); S = 28, 32 or 64."""
 
-    def __init__(self, channels, size, latent_dim, torch_sn=False):
+    def __init__(self, channels, size, latent_dim):
         super().__init__()
         s4 = size // 4
-        # torch_sn: torch's own spectral_norm, the straightforward way (for --bench and the tests)
-        def sn(layer):
-            return spectral_norm(init(layer), n_power_iterations=1) if torch_sn else SpectralNorm(init(layer))
+        sn = lambda layer: SpectralNorm(init(layer))
         self.net = nn.Sequential(
             sn(nn.Conv2d(channels, 64, 4, 2, 1)), nn.LeakyReLU(0.2),                   # (B, 64, S/2, S/2)
             sn(nn.Conv2d(64, 128, 4, 2, 1)), bn(128), nn.LeakyReLU(0.2),               # (B, 128, S/4, S/4)
@@ -194,7 +156,7 @@ class InfoganEncoder(nn.Module):
 
     def forward(self, x):
         mu_z, s = self.net(x).chunk(2, dim=1)
-        sigma_z = 1e-6 + F.softplus(s)  # authors' code: keeps sigma_z > 0 without an exp that overflows
+        sigma_z = 1e-6 + F.softplus(s)  # the authors': keeps sigma_z > 0 without an exp that overflows
         return mu_z, sigma_z.log(), sigma_z
 
 
@@ -221,7 +183,7 @@ class WaeEncoder(nn.Module):
     sigma = exp(log sigma). PyTorch pads 5x5/2 convs symmetrically (2, 2) where TF 'same' pads (1, 2);
     the decoder's transposed convs are likewise shifted by one pixel against TF's (same shapes)."""
 
-    def __init__(self, channels, size, latent_dim, torch_sn=False):  # (no spectral norm here)
+    def __init__(self, channels, size, latent_dim):
         super().__init__()
         def block(i, o, stride):
             return [glorot(nn.Conv2d(i, o, 5, stride, 2)), bn(o), nn.ReLU()]
@@ -261,33 +223,37 @@ class VAE(nn.Module):
     """Encoder, decoder and the decoder's scalar log standard deviation loggamma_x (init 0, no clamp:
     Theorem 3 says it should be free to go to -infinity)."""
 
-    def __init__(self, arch="infogan", channels=1, size=28, latent_dim=64, loss="learned-gamma", torch_sn=False):
+    def __init__(self, arch="infogan", channels=1, size=28, latent_dim=64, loss="learned-gamma"):
         super().__init__()
         if arch == "wae" and (channels, size) != (3, 64):
             die(f"--arch wae is defined for 64x64 RGB images (celeba), not {channels}x{size}x{size}; fix: use --arch infogan")
         enc, dec = {"infogan": (InfoganEncoder, InfoganDecoder), "wae": (WaeEncoder, WaeDecoder)}[arch]
-        self.encoder = enc(channels, size, latent_dim, torch_sn)
+        self.latent_dim = latent_dim  # kappa
+        self.encoder = enc(channels, size, latent_dim)
         self.decoder = dec(channels, size, latent_dim)
-        # fixed-gamma and cross-entropy baselines (Table 1) keep it at 0 and do not train it
+        # the fixed-gamma and cross-entropy baselines (Table 1) keep it at 0 and do not train it
         self.loggamma_x = nn.Parameter(torch.zeros(()), requires_grad=(loss == "learned-gamma"))
 
 
-def build_model(config, torch_sn=False):
+def build_model(config):
     channels, size = SHAPES[config["data"]]
-    return VAE(config["arch"], channels, size, config["latent_dim"], config["loss"], torch_sn)
+    return VAE(config["arch"], channels, size, config["latent_dim"], config["loss"])
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: the negative ELBO of eq. (2), per image summed over pixels / latent dims, then averaged
-# over the batch, exactly as the authors' code (reference.md, "Loss per image").
+# Loss: the negative ELBO of eq. (2) for one image, its terms summed over pixels / latent
+# dimensions, then averaged over the batch, as the authors' code does (docs/protocol.md, "Loss").
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+# Exercise 1: the Gaussian decoder's -log p(x|z) with a learned gamma, eq. (8)
 def gaussian_nll(x, x_hat, loggamma):
-    """-log N(x | x_hat, gamma^2 I) per example, gamma = exp(loggamma) a standard deviation.
-    Half of eq. (8)'s integrand, in the paper's variance notation: ||x - x_hat||^2 / (2 gamma) + d/2 log(2 pi gamma).
-    It is unbounded below as gamma -> 0, so a negative loss is expected (Theorem 3)."""
+    """-log N(x | x_hat, gamma^2 I) for each example of a batch, gamma = exp(loggamma) a STANDARD
+    DEVIATION: |x - x_hat|^2 / (2 gamma^2) + d (loggamma + log(2 pi) / 2), d the pixels per example.
+    In the paper's notation (its gamma a variance) this is half of eq. (8)'s integrand,
+    |x - x_hat|^2 / (2 gamma) + d/2 log(2 pi gamma). Unbounded below as gamma -> 0, so a negative
+    loss is expected (Theorem 3). Shapes: x, x_hat (B, ...), loggamma a scalar tensor -> (B,)."""
     d = x[0].numel()
     sq = (x - x_hat).square().flatten(1).sum(1)
     return sq * torch.exp(-2 * loggamma) / 2 + d * (loggamma + HALF_LOG_2PI)
@@ -299,17 +265,29 @@ def bernoulli_nll(x, x_hat):
     return -(x * x_hat.clamp_min(eps).log() + (1 - x) * (1 - x_hat).clamp_min(eps).log()).flatten(1).sum(1)
 
 
+# Exercise 2: the KL term of eq. (2), KL[N(mu, diag sigma^2) || N(0, I)] (2 KL is eq. (9)'s left side)
 def kl_standard_normal(mu, log_sigma):
-    """KL[N(mu, diag sigma^2) || N(0, I)] per example: the second term of eq. (2); 2x it is eq. (9)'s
-    trace[Sigma_z] + ||mu_z||^2 - log|Sigma_z| - kappa. Written with log sigma, as the authors do;
-    a log-variance parameterisation gives the same number."""
+    """KL[N(mu, diag sigma^2) || N(0, I)] for each example: sum over dimensions of
+    (mu^2 + sigma^2 - 2 log sigma - 1) / 2; twice it is eq. (9)'s trace[Sigma_z] + |mu_z|^2 -
+    log|Sigma_z| - kappa. Written with log sigma, as the authors do; a log-variance
+    parameterisation gives the same number. Shapes: (B, kappa) -> (B,)."""
     return ((mu.square() + torch.exp(2 * log_sigma) - 2 * log_sigma - 1) / 2).sum(1)
 
 
-def stage1_loss(model, x, loss):
-    """(loss, rec, kl) for a float batch x in [0, 1]; rec and kl are batch means."""
+# Exercise 3: the reparameterised draw z ~ N(mu, diag sigma^2) (Kingma & Welling 2014; Section 1)
+def reparameterize(mu, sigma):
+    """z = mu + sigma * eps, eps ~ N(0, I): one draw per row, differentiable in mu and sigma, so
+    the gradient of eq. (2)'s expectation reaches the encoder. sigma a standard deviation."""
+    return mu + sigma * torch.randn_like(mu)
+
+
+# Exercise 4: the stage-1 loss, eq. (2) with eq. (8)'s decoder, averaged over a batch
+def stage1_loss(model, x, loss="learned-gamma"):
+    """(loss, rec, kl) for a float batch x in [0, 1], each a batch MEAN of per-image sums (rec over
+    pixels, kl over latent dimensions); one z ~ q(z|x) per image. loss: 'learned-gamma' or
+    'fixed-gamma' (the Gaussian decoder with model.loggamma_x), or 'cross-entropy'."""
     mu_z, log_sigma_z, sigma_z = model.encoder(x)
-    z = mu_z + sigma_z * torch.randn_like(mu_z)  # reparameterisation: one z per image
+    z = reparameterize(mu_z, sigma_z)
     x_hat = model.decoder(z)
     if loss == "cross-entropy":
         rec = bernoulli_nll(x, x_hat).mean()
@@ -320,8 +298,9 @@ def stage1_loss(model, x, loss):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop, shared with stage2.py: a fresh permutation per epoch, the last partial batch
-# dropped, the lr halved every --lr-epochs epochs, one log line and one atomic checkpoint per epoch.
+# The training loop, shared with stage2.py (docs/protocol.md, "Optimisation"): Adam, a fresh
+# permutation per epoch, the last partial batch dropped, the lr halved every --lr-epochs epochs,
+# one log line and one atomic checkpoint per epoch, progress lines in between.
 
 def lr_at(epoch, lr, lr_epochs):
     return lr * 0.5 ** (epoch // lr_epochs)  # authors' demo.py: halve every 150 (stage 1) / 300 (stage 2)
@@ -333,12 +312,173 @@ def make_optimizer(model, lr):
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
+def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=15.0, forecast_after=5.0):
+    """Train from ckpt['epoch'] to ckpt['config']['epochs'] epochs. data: a tuple of tensors whose
+    first dimension indexes the examples; batch_loss(*batch) -> (loss, rec, kl) for one batch of
+    each. Losses are summed on the device and read once per epoch: no host sync per step. After
+    forecast_after seconds, one line says how long the run will take; then a progress line every
+    progress_every seconds (wall time)."""
+    reuse_freed_memory()
+    cfg = ckpt["config"]
+    snapshots = {int(e) for e in cfg.get("snapshots", "").split(",") if e.strip()}
+    device = next(model.parameters()).device
+    loggamma = getattr(model, loggamma_name)
+    n, batch = len(data[0]), cfg["batch_size"]
+    steps = n // batch
+    if steps == 0:
+        die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size or raise --limit")
+    start, forecast_said = ckpt["epoch"], False
+    for epoch in range(start, cfg["epochs"]):
+        t0 = last_print = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, cfg["lr"], cfg["lr_epochs"])
+        model.train()
+        totals = torch.zeros(3, device=device)
+        perm = torch.randperm(n, device=device)
+        for i in range(steps):
+            idx = perm[i * batch:(i + 1) * batch]
+            loss, rec, kl = batch_loss(*(t[idx] for t in data))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            totals += torch.stack([loss.detach(), rec.detach(), kl.detach()])
+            now = time.time()  # wall time only: no sync, so on a GPU this runs ahead by its queue
+            if now - last_print >= (progress_every if forecast_said else forecast_after) and i + 1 < steps:
+                last_print = now
+                rate = (i + 1) / max(now - t0, 1e-9)  # steps per second in this epoch
+                run_left = (steps - i - 1 + (cfg["epochs"] - epoch - 1) * steps) / rate
+                if not forecast_said:
+                    forecast_said = True
+                    total = (cfg["epochs"] - start) * steps / rate
+                    print(f"speed: {rate * batch:.0f} img/s, so an epoch takes about {fmt_time(steps / rate)} and "
+                          f"these {cfg['epochs'] - start} epochs about {fmt_time(total)} on {device.type}"
+                          + ("; for a shorter run pass --epochs N" if total > 3600 else ""), flush=True)
+                else:
+                    print(f"  epoch {epoch + 1}/{cfg['epochs']} | step {i + 1}/{steps} | {rate * batch:.0f} img/s | "
+                          f"epoch ETA {fmt_time((steps - i - 1) / rate)} | run ETA {fmt_time(run_left)}", flush=True)
+        loss, rec, kl = (totals / steps).tolist()  # the one host sync of the epoch
+        if not all(math.isfinite(v) for v in (loss, rec, kl)) or not torch.isfinite(loggamma).item():
+            die(f"training diverged in epoch {epoch + 1} (loss {loss}, {loggamma_name} {loggamma.item()}); "
+                f"{path} still holds epoch {ckpt['epoch']}; fix: start afresh in a new --out with a lower --lr or another --seed")
+        seconds = time.time() - t0
+        ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
+                                loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
+        ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
+        save_atomic(ckpt, path)
+        if epoch + 1 in snapshots:  # kept copies, e.g. for FID against stage-1 epochs
+            snapshot = f"{os.path.splitext(path)[0]}_e{epoch + 1:04d}.pt"
+            shutil.copyfile(path, snapshot + ".tmp")
+            os.replace(snapshot + ".tmp", snapshot)
+        print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
+              f"{loggamma_name} {loggamma.item():.4f} | {steps * batch / seconds:.0f} img/s | "
+              f"ETA {fmt_time(seconds * (cfg['epochs'] - epoch - 1))}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Between the stages (docs/protocol.md, "Between the stages"): encode the whole training split
+# once, BatchNorm in EVALUATION mode, and keep q(z|x) = N(mu_z, sigma_z^2) for stage 2.
+
+# Exercise 5: encoding the training split for stage 2 (Section 4; BatchNorm in evaluation mode)
+@torch.inference_mode()
+def encode(model, images, batch=1000):
+    """(mu_z, sigma_z) of uint8 images (N, C, H, W): two float32 numpy arrays (N, kappa), the
+    encoder's q(z|x) with BatchNorm's running statistics, so an image's code does not depend on
+    the other images of its batch. sigma_z a standard deviation."""
+    model.eval()
+    device = next(model.parameters()).device
+    mus, sigmas = [], []
+    for i in range(0, len(images), batch):
+        mu_z, _, sigma_z = model.encoder(images[i:i + batch].to(device).float() / 255)
+        mus.append(mu_z.float().cpu())
+        sigmas.append(sigma_z.float().cpu())
+    return torch.cat(mus).numpy(), torch.cat(sigmas).numpy()
+
+
+@torch.inference_mode()
+def reconstruct(model, images, batch=500):
+    """x_hat(z), z ~ q(z|x), of uint8 images (N, C, H, W), BatchNorm in evaluation mode: the images
+    behind a 'reconstruction FID' (docs/protocol.md, "Sampling"). float (N, C, H, W) in [0, 1], CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch):
+        mu_z, _, sigma_z = model.encoder(images[i:i + batch].to(device).float() / 255)
+        out.append(model.decoder(reparameterize(mu_z, sigma_z)).float().cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# main: train, then encode
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = args.out or os.path.join("runs", args.data)
+    path = os.path.join(out, "stage1.pt")
+    ckpt = start_or_resume(args, path, STAGE1_DEFAULTS)
+    cfg = ckpt["config"]
+    torch.manual_seed(cfg["seed"])
+
+    images = load_images(cfg["data"], args.data_root, train=True)
+    if cfg["limit"]:
+        images = images[:cfg["limit"]]
+    images = images.to(args.device)  # the whole split on the device as uint8: 47 MB for MNIST
+    print(f"stage 1 | {cfg['data']} {tuple(images.shape)} | {cfg['arch']} | {cfg['loss']} | kappa {cfg['latent_dim']} | "
+          f"{cfg['epochs']} epochs | device {args.device} | out {out}", flush=True)
+
+    model = build_model(cfg).to(args.device)
+    opt = make_optimizer(model, cfg["lr"])
+    restore(ckpt, model, opt)
+    os.makedirs(out, exist_ok=True)
+    fit(model, opt, ckpt, (images,), lambda x: stage1_loss(model, x.float() / 255, cfg["loss"]), path, "loggamma_x")
+
+    t0 = time.time()
+    mu_z, sigma_z = encode(model, images)
+    print(f"encoded {len(images)} images in {time.time() - t0:.1f} s", flush=True)
+    save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
+    save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
+    save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
+    # Theorem 4: an encoder variance near 0 marks a dimension the decoder uses, near 1 one it ignores
+    summary = {"run_id": cfg["run_id"], "epoch": ckpt["epoch"],
+               "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
+               "active_dims": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}
+    # latents.json says which checkpoint the latents come from: stage2.py refuses latents older than stage1.pt
+    save_atomic(summary, os.path.join(out, "latents.json"))
+    print("done | " + json.dumps(summary), flush=True)
+
+
+# The paper's protocol as defaults (docs/protocol.md): flags that define a run, fixed at its start.
+STAGE1_DEFAULTS = {"epochs": 400, "lr": 1e-4, "lr_epochs": 150, "batch_size": 64, "seed": 0,
+                   "arch": "infogan", "loss": "learned-gamma", "latent_dim": 64, "limit": 0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 1: the learned-gamma VAE (Dai & Wipf 2019).",
+                                formatter_class=HelpWithDefaults)
+    common_flags(p, STAGE1_DEFAULTS)
+    p.add_argument("--data-root", default=os.environ.get(DATA_ENV, "./data"),
+                   help=f"torchvision data root; files are downloaded there if absent (env {DATA_ENV})")
+    p.add_argument("--arch", choices=["infogan", "wae"],
+                   help="'infogan': Table 1's neutral architecture; 'wae': Table 2's, celeba only (default: infogan)")
+    p.add_argument("--loss", choices=["learned-gamma", "fixed-gamma", "cross-entropy"],
+                   help="decoder likelihood: Table 1's rows 'VAE learned gamma', 'fixed gamma', 'cross-entropy' (default: learned-gamma)")
+    p.add_argument("--latent-dim", type=int, help="kappa, the latent size (default: 64, the paper's for every data set)")
+    p.add_argument("--limit", type=int, help="train on the first N training images only (default: 0, all)")
+    return p.parse_args(argv)
+
+
+# ==============================================================================================
+# Plumbing, not in the paper: errors, memory, RNG, checkpoints, atomic writes, flags, files.
+
+def die(msg):
+    """A clear one-line error and a non-zero exit; nothing half-written is left behind."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twostage'}: error: {msg}")
+
+
 def reuse_freed_memory():
     """glibc hands a freed block of more than 128 KB (up to 32 MB, adaptively) back to the OS, so the
-    25 MB weight gradients that zero_grad(set_to_none=True) frees come back as fresh pages every step:
-    7,100-7,500 page faults per stage-1 step. Raising the mmap and trim thresholds keeps freed blocks
-    in the heap for reuse (stage 1 on CPU: 77-82 -> 69-73 ms median step, under 40 faults per step;
-    README, "Speed").
+    25 MB weight gradients that zero_grad(set_to_none=True) frees come back as fresh pages every step
+    (7,100-7,500 page faults per stage-1 step). Raising the mmap and trim thresholds keeps freed
+    blocks in the heap for reuse (stage-1 step on CPU: 77-82 -> 69-73 ms; results/README.md, "Speed").
     The same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment.
     A no-op off glibc Linux; it changes no number, only where memory comes from."""
     if platform.system() != "Linux":
@@ -366,9 +506,10 @@ def set_rng_state(state):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary name, then rename: a kill mid-write never leaves a broken file."""
+    """Write to a temporary name, then rename: a kill mid-write never leaves a broken file.
+    .json: a small record; numpy array: .npy; anything else: torch.save."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    if path.endswith(".json"):  # small records: latents.json, stage2.json, results/table1.py's
+    if path.endswith(".json"):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
     elif isinstance(obj, np.ndarray):
@@ -386,48 +527,6 @@ def versions():
 def fmt_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def fit(model, opt, ckpt, n, step, path, loggamma_name):
-    """Train from ckpt['epoch'] to ckpt['config']['epochs']. step(idx) -> (loss, rec, kl) on the
-    examples idx. Losses are summed on the device and read once per epoch (no per-step host sync)."""
-    reuse_freed_memory()
-    cfg = ckpt["config"]
-    snapshots = {int(e) for e in cfg.get("snapshots", "").split(",") if e.strip()}
-    device = next(model.parameters()).device
-    loggamma = getattr(model, loggamma_name)
-    batch, steps = cfg["batch_size"], n // cfg["batch_size"]
-    if steps == 0:
-        die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size or raise --limit")
-    for epoch in range(ckpt["epoch"], cfg["epochs"]):
-        t0 = time.time()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, cfg["lr"], cfg["lr_epochs"])
-        model.train()
-        totals = torch.zeros(3, device=device)
-        perm = torch.randperm(n, device=device)
-        for i in range(steps):
-            loss, rec, kl = step(perm[i * batch:(i + 1) * batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            totals += torch.stack([loss.detach(), rec.detach(), kl.detach()])
-        loss, rec, kl = (totals / steps).tolist()  # the one host sync of the epoch
-        if not all(math.isfinite(v) for v in (loss, rec, kl)) or not torch.isfinite(loggamma).item():
-            die(f"training diverged in epoch {epoch + 1} (loss {loss}, {loggamma_name} {loggamma.item()}); "
-                f"{path} still holds epoch {ckpt['epoch']}; fix: start afresh in a new --out with a lower --lr or another --seed")
-        seconds = time.time() - t0
-        ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
-                                loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
-        ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
-        save_atomic(ckpt, path)
-        if epoch + 1 in snapshots:  # kept copies, e.g. for FID against stage-1 epochs
-            snapshot = f"{os.path.splitext(path)[0]}_e{epoch + 1:04d}.pt"
-            shutil.copyfile(path, snapshot + ".tmp")
-            os.replace(snapshot + ".tmp", snapshot)
-        eta = seconds * (cfg["epochs"] - epoch - 1)
-        print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
-              f"{loggamma_name} {loggamma.item():.4f} | {steps * batch / seconds:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
 
 
 def load_checkpoint(path):
@@ -451,71 +550,66 @@ def restore(ckpt, model, opt):
         print(f"resumed at epoch {ckpt['epoch']}", flush=True)
 
 
-def epoch_list(text):
-    if not all(e.strip().isdigit() for e in text.split(",") if e.strip()):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of epochs; fix: e.g. --snapshots 5,10,20")
-    return text
-
-
-class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help appends each flag's default, unless its help already says it (as the shared flags do)."""
-
-    def _get_help_string(self, action):
-        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
-
-
-def common_flags(p, epochs, lr_epochs):
-    """Flags both stages share; defaults are the authors' (reference.md)."""
-    p.add_argument("--data", default="mnist", choices=sorted(SHAPES), help="data set (default: mnist)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
-    p.add_argument("--epochs", type=int, default=None, help=f"total epochs (default: {epochs}, the paper's; on --resume: the checkpoint's)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4, the authors')")
-    p.add_argument("--lr-epochs", type=int, default=lr_epochs, help=f"halve the lr every this many epochs (default: {lr_epochs}, the authors')")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64, the authors')")
-    p.add_argument("--seed", type=int, default=0, help="random seed; a CPU run with the same seed is repeatable (default: 0)")
-    p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--snapshots", default="", type=epoch_list,
-                   help="comma-separated epochs after which to keep a copy of the checkpoint as stage<k>_e<epoch>.pt (default: none; with --resume: replaces the run's list)")
-    p.add_argument("--bench", action="store_true", help="time the training step against the plain one and the machine's floor, then exit")
-
-
-def start_or_resume(args, path, defaults_epochs):
-    """The checkpoint dict to train from: a fresh one, or the one in --out when --resume."""
+def start_or_resume(args, path, defaults):
+    """The checkpoint dict to train from: a fresh one (the flags, the paper's defaults where a flag
+    is not given), or the one in --out when --resume. A resumed run keeps its own settings: a flag
+    that would change one of them is refused, not silently ignored. --epochs and --snapshots may change."""
     ckpt = load_checkpoint(path) if args.resume else None
     if args.resume and ckpt is None:
         die(f"--resume: no checkpoint at {path}; fix: run without --resume to start, or pass the right --out")
     if ckpt is None:
         if os.path.exists(path):
             die(f"{path} exists; fix: pass --resume to continue it, or another --out (or delete it) to start afresh")
-        config = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "device")}
-        config["epochs"] = args.epochs if args.epochs is not None else defaults_epochs
+        config = {k: v for k, v in vars(args).items() if k not in ("resume", "device")}
+        config.update({k: v for k, v in defaults.items() if config.get(k) is None})
         config["run_id"] = uuid.uuid4().hex  # lets stage 2 and sampling check they belong to this run
         ckpt = {"config": config, "epoch": 0, "history": [], "versions": versions()}
-    else:  # extending a run: the lr schedule depends on the epoch only
-        if args.epochs is not None:
-            ckpt["config"]["epochs"] = args.epochs
+    else:
+        cfg = ckpt["config"]
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {cfg.get(k)})" for k in defaults
+                   if k != "epochs" and getattr(args, k, None) is not None and getattr(args, k) != cfg.get(k)]
+        if changed:
+            die(f"--resume keeps the run's settings, but {', '.join(changed)} would change them; "
+                f"fix: drop {'those flags' if len(changed) > 1 else 'that flag'}, or start a new run in another --out")
+        if args.epochs is not None:  # extending a run: the lr schedule depends on the epoch only
+            cfg["epochs"] = args.epochs
         if args.snapshots:
-            ckpt["config"]["snapshots"] = args.snapshots
+            cfg["snapshots"] = args.snapshots
     if ckpt["config"]["epochs"] < 1:
         die("--epochs must be at least 1")
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------
-# After training: encode the whole training split with BN in evaluation mode (reference.md,
-# "Between the stages") and save q(z|x) = N(mu_z, sigma_z^2) for stage 2.
+def _torchvision_images(data, root, train, download):
+    import torchvision.datasets as tvd
+    if data == "celeba":
+        if download:  # torchvision fetches CelebA from Google Drive; then we crop and resize it
+            tvd.CelebA(root, split="train" if train else "test", target_type=[], download=True)
+        return torch.from_numpy(_celeba(root, train)).permute(0, 3, 1, 2)
+    cls = {"mnist": tvd.MNIST, "fashion": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[data]
+    ds = cls(root, train=train, download=download)
+    if data == "cifar10":  # numpy (N, 32, 32, 3)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+    return ds.data.unsqueeze(1)  # MNIST / Fashion: torch uint8 (N, 28, 28) -> (N, 1, 28, 28)
 
-@torch.inference_mode()
-def encode(model, images, batch=1000):
-    model.eval()
-    device = next(model.parameters()).device
-    mus, sigmas = [], []
-    for i in range(0, len(images), batch):
-        mu_z, _, sigma_z = model.encoder(images[i:i + batch].to(device).float() / 255)
-        mus.append(mu_z.float().cpu())
-        sigmas.append(sigma_z.float().cpu())
-    return torch.cat(mus).numpy(), torch.cat(sigmas).numpy()
+
+def _celeba(root, train):
+    """The authors' CelebA (their preprocess.py): crop rows 45:173, cols 25:153 (128x128) of the
+    aligned 178x218 image, resize to 64x64 bilinearly. Decoding 160k JPEGs takes minutes, so the
+    result is cached once as .npy beside the images."""
+    from PIL import Image
+    from torchvision.datasets import CelebA
+    split = "train" if train else "test"
+    ds = CelebA(root, split=split, target_type=[], download=False)
+    cache = os.path.join(root, "celeba", f"twostage_crop128_64x64_{split}.npy")
+    if os.path.exists(cache):
+        return np.load(cache)
+    images = np.empty((len(ds.filename), 64, 64, 3), np.uint8)
+    for i, name in enumerate(ds.filename):  # JPEG decoding is per file: no way around a loop here
+        with Image.open(os.path.join(root, "celeba", "img_align_celeba", name)) as im:
+            images[i] = np.asarray(im.convert("RGB").crop((25, 45, 153, 173)).resize((64, 64), Image.BILINEAR))
+    save_atomic(images, cache)
+    return images
 
 
 def save_grid(images, path, nrow=16):
@@ -526,162 +620,42 @@ def save_grid(images, path, nrow=16):
     os.replace(tmp, path)
 
 
-@torch.inference_mode()
-def reconstruct(model, images, batch=500):
-    """x_hat(z), z ~ q(z|x), of uint8 images (N, C, H, W), batch by batch, BN in evaluation mode:
-    the images behind a 'reconstruction FID' (reference.md, "Sampling"). float (N, C, H, W) in [0, 1], CPU."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(images), batch):
-        mu_z, _, sigma_z = model.encoder(images[i:i + batch].to(device).float() / 255)
-        out.append(model.decoder(mu_z + sigma_z * torch.randn_like(mu_z)).float().cpu())
-    return torch.cat(out)
-
-
 def save_reconstructions(model, images, path, n=16):
     x = images[:n]
     save_grid(torch.cat([x.float().cpu() / 255, reconstruct(model, x)]), path, nrow=n)
 
 
-# ----------------------------------------------------------------------------------------------
-# --bench (README, "Speed"): our training step against a plain eager step with torch.optim.Adam at
-# its defaults, and against the machine's floor: the step's matmul/conv FLOPs at the measured
-# float32 matmul rate, plus Adam's minimal memory traffic (read p, grad, m, v; write p, m, v) at the
-# measured memory bandwidth.
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+def epoch_list(text):
+    if not all(e.strip().isdigit() for e in text.split(",") if e.strip()):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of epochs; fix: e.g. --snapshots 5,10,20")
+    return text
 
 
-def call_seconds(fn, device, reps, warmup=3):
-    """Wall time of each of reps calls of fn, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends each flag's default, unless its help already says it."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
 
 
-def machine_rates(device):
-    """(float32 matmul FLOP/s, memory bandwidth in bytes/s counting read + write) of this device."""
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    flops = 2 * 2048 ** 3 / min(np.mean(call_seconds(lambda: a @ b, device, reps=5)) for _ in range(3))
-    x = torch.randn(2 ** 26, device=device)  # 256 MB: far beyond the caches
-    y = torch.empty_like(x)
-    bandwidth = 2 * x.numel() * 4 / min(np.mean(call_seconds(lambda: y.copy_(x), device, reps=3)) for _ in range(5))
-    return flops, bandwidth
-
-
-def bench(title, build, loss_fn, batch, device, steps=30):
-    """Print (variant, ms/step, examples/s, floor, ratio) for one training step done three ways:
-    'plain' = build(plain=True) (e.g. torch's spectral_norm) + torch.optim.Adam at its defaults, in
-    the process as Python starts it; 'ours' = build(plain=False) + the fused Adam of make_optimizer
-    after reuse_freed_memory(), as fit() trains; 'plain+mem' = plain again after that allocator
-    setting, to show what the setting alone buys. float32 throughout."""
-    from torch.utils.flop_counter import FlopCounterMode
-    rate, bandwidth = machine_rates(device)
-    rows = {}
-    for variant in ("plain", "ours", "plain+mem"):  # in this order: the allocator setting is for the process
-        if variant == "ours":
-            reuse_freed_memory()
-        torch.manual_seed(0)
-        model = build(variant != "ours").to(device).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(model, 1e-4) if variant == "ours" else torch.optim.Adam(params, lr=1e-4)
-
-        def step():  # exactly the body of fit()'s loop
-            loss = loss_fn(model, batch)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        rows[variant] = float(np.median(call_seconds(step, device, steps, warmup=5)))  # robust to the odd hiccup
-        if variant == "ours":  # the floor is ours: its FLOPs and parameters
-            with FlopCounterMode(display=False) as counter:
-                loss_fn(model, batch)[0].backward()
-            flops = counter.get_total_flops()
-            n_params = sum(p.numel() for p in params)
-    floor = flops / rate + 7 * 4 * n_params / bandwidth
-    print(f"{title} | device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"machine: float32 matmul {rate / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s")
-    print(f"step: {flops / 1e9:.2f} GFLOP (forward + backward matmul/conv), {n_params / 1e6:.2f} M parameters "
-          f"-> floor {floor * 1e3:.1f} ms = {flops / rate * 1e3:.1f} ms arithmetic + {7 * 4 * n_params / bandwidth * 1e3:.1f} ms Adam traffic")
-    print(f"{'variant':<10}{'ms/step':>10}{'examples/s':>12}{'floor ms':>10}{'x floor':>9}{'x plain':>9}")
-    for variant, sec in rows.items():
-        print(f"{variant:<10}{sec * 1e3:>10.1f}{len(batch) / sec:>12.0f}{floor * 1e3:>10.1f}"
-              f"{sec / floor:>9.2f}{sec / rows['plain']:>9.2f}")
-    return rows, floor
-
-
-def bench_stage1(args):
-    channels, size = SHAPES[args.data]
-    config = {"data": args.data, "arch": args.arch, "latent_dim": args.latent_dim, "loss": args.loss}
-    images = torch.randint(0, 256, (args.batch_size, channels, size, size), dtype=torch.uint8, device=args.device)
-    bench(f"stage 1 | {args.data} {args.arch} {args.loss}, batch {args.batch_size}, kappa {args.latent_dim}",
-          lambda plain: build_model(config, torch_sn=plain), lambda model, x: stage1_loss(model, x.float() / 255, args.loss), images, args.device)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 1: the learned-gamma VAE (Dai & Wipf 2019).",
-                                formatter_class=HelpWithDefaults)
-    common_flags(p, epochs=400, lr_epochs=150)
-    p.add_argument("--data-root", default=os.environ.get(DATA_ENV, "./data"),
-                   help=f"torchvision data root; files are downloaded there if absent (env {DATA_ENV})")
-    p.add_argument("--arch", default="infogan", choices=["infogan", "wae"],
-                   help="'infogan': Table 1's neutral architecture; 'wae': Table 2's (celeba only)")
-    p.add_argument("--loss", default="learned-gamma", choices=["learned-gamma", "fixed-gamma", "cross-entropy"],
-                   help="decoder likelihood: Table 1's rows 'VAE learned gamma', 'fixed gamma', 'cross-entropy'")
-    p.add_argument("--latent-dim", type=int, default=64, help="kappa, the latent size (the paper: 64 for every data set)")
-    p.add_argument("--limit", type=int, default=0, help="train on the first N training images only (0: all)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.bench:
-        return bench_stage1(args)
-    out = args.out or os.path.join("runs", args.data)
-    path = os.path.join(out, "stage1.pt")
-    ckpt = start_or_resume(args, path, defaults_epochs=400)
-    cfg = ckpt["config"]
-    torch.manual_seed(cfg["seed"])
-
-    images = load_images(cfg["data"], args.data_root, train=True)
-    if cfg["limit"]:
-        images = images[:cfg["limit"]]
-    images = images.to(args.device)  # the whole split on the device as uint8: 47 MB for MNIST
-    print(f"stage 1 | {cfg['data']} {tuple(images.shape)} | {cfg['arch']} | {cfg['loss']} | kappa {cfg['latent_dim']} | "
-          f"{cfg['epochs']} epochs | device {args.device} | out {out}", flush=True)
-
-    model = build_model(cfg).to(args.device)
-    opt = make_optimizer(model, cfg["lr"])
-    restore(ckpt, model, opt)
-    os.makedirs(out, exist_ok=True)
-
-    def step(idx):
-        return stage1_loss(model, images[idx].float() / 255, cfg["loss"])
-
-    fit(model, opt, ckpt, len(images), step, path, "loggamma_x")
-
-    t0 = time.time()
-    mu_z, sigma_z = encode(model, images)
-    print(f"encoded {len(images)} images in {time.time() - t0:.1f} s ({len(images) / (time.time() - t0):.0f} images/s)", flush=True)
-    save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
-    save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
-    save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
-    # Theorem 4: an encoder variance near 0 marks a dimension the decoder uses, near 1 one it ignores
-    summary = {"run_id": cfg["run_id"], "epoch": ckpt["epoch"],
-               "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
-               "active_dims": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}
-    # latents.json says which checkpoint the latents come from: stage2.py refuses latents older than stage1.pt
-    save_atomic(summary, os.path.join(out, "latents.json"))
-    print("done | " + json.dumps(summary), flush=True)
+def common_flags(p, defaults):
+    """Flags both stages share. Those that define a run default to None here and take the paper's
+    value (defaults) when a run starts, so that --resume can tell a flag given from one left out."""
+    d = defaults
+    p.add_argument("--data", default="mnist", choices=sorted(SHAPES), help="data set (default: mnist)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
+    p.add_argument("--epochs", type=int, help=f"total epochs (default: {d['epochs']}, the paper's; on --resume: the run's)")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d['lr']:g}, the authors')")
+    p.add_argument("--lr-epochs", type=int, help=f"halve the lr every this many epochs (default: {d['lr_epochs']}, the authors')")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default: {d['batch_size']}, the authors')")
+    p.add_argument("--seed", type=int, help=f"random seed; a CPU run with the same seed is repeatable (default: {d['seed']})")
+    p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its own settings: only --epochs and "
+                        "--snapshots may change (other run-defining flags are refused)")
+    p.add_argument("--snapshots", default="", type=epoch_list,
+                   help="comma-separated epochs after which to keep a copy of the checkpoint as stage<k>_e<epoch>.pt "
+                        "(default: none; with --resume: replaces the run's list)")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@ latents. Stage 1's aggregate posterior q(z) is not N(0, I) (eq. 10: with r < d t
 learn the ground-truth measure, so q(z) need not match the prior), but it lives on all of R^kappa
 with r = d = kappa, the regime of Theorem 1 where a VAE CAN match the distribution. So a small VAE with latent u learns q(z), and sampling goes u -> z -> x (sample.py).
 
+    python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README, "Quick start")
     python stage2.py --data mnist              # the paper's protocol: 800 epochs, batch 64, Adam 1e-4
-    python stage2.py --data mnist --epochs 50  # a CPU-sized run
-    python stage2.py --bench                   # time the training step (see README, "Speed")
 
 Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py) and writes runs/<data>/stage2.pt and
 stage2.json (loggamma_z and Table 3's MMD of q(z) and q(u) to N(0, I)).
-Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image (reference.md).
+Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image
+(docs/protocol.md, "Between the stages"). The training loop is stage1.fit.
 """
 import argparse
 import json
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stage1 import (HelpWithDefaults, bench, common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
-                    make_optimizer, restore, save_atomic, start_or_resume)
+from stage1 import (HelpWithDefaults, common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
+                    make_optimizer, reparameterize, restore, save_atomic, start_or_resume)
 
 
 class MLP(nn.Module):
@@ -66,10 +66,19 @@ def build_model(config):
     return Stage2VAE(config["latent_dim"], config["width"], config["depth"])
 
 
+# Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (Section 4)
+def fresh_z(mu_z, sigma_z):
+    """One new draw z = mu_z + sigma_z * eps for each row of a batch of stage 1's latents (n, kappa),
+    sigma_z a standard deviation. Called for every batch, so stage 2 sees q(z) = integral of
+    q(z|x) over the data, not one fixed z per image."""
+    return mu_z + sigma_z * torch.randn_like(mu_z)
+
+
 def stage2_loss(model, z):
-    """The same negative ELBO as stage 1 (eq. 2), with z in place of x and u in place of z."""
+    """The same negative ELBO as stage 1 (eq. 2), with z in place of x and u in place of z:
+    (loss, rec, kl), batch means of per-example sums."""
     mu_u, log_sigma_u = model.encode(z)
-    u = mu_u + log_sigma_u.exp() * torch.randn_like(mu_u)
+    u = reparameterize(mu_u, log_sigma_u.exp())
     z_hat = model.decoder(u)
     rec = gaussian_nll(z, z_hat, model.loggamma_z).mean()
     kl = kl_standard_normal(mu_u, log_sigma_u).mean()
@@ -143,30 +152,33 @@ def load_latents(out, stage1):
     return mu_z, sigma_z
 
 
+# The paper's protocol as defaults (docs/protocol.md, "Stage 2"): flags that define a run.
+STAGE2_DEFAULTS = {"epochs": 800, "lr": 1e-4, "lr_epochs": 300, "batch_size": 64, "seed": 0, "width": 1024, "depth": 3,
+                   "fixed_z": False}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 2: a VAE on stage 1's latents (Dai & Wipf 2019).",
                                 formatter_class=HelpWithDefaults)
-    common_flags(p, epochs=800, lr_epochs=300)
-    p.add_argument("--width", type=int, default=1024, help="hidden units per dense layer (the authors': 1024)")
-    p.add_argument("--depth", type=int, default=3, help="hidden dense layers in encoder and decoder (the authors': 3)")
+    common_flags(p, STAGE2_DEFAULTS)
+    p.add_argument("--width", type=int, help="hidden units per dense layer (default: 1024, the authors')")
+    p.add_argument("--depth", type=int, help="hidden dense layers in encoder and decoder (default: 3, the authors')")
+    p.add_argument("--fixed-z", action="store_true", default=None,
+                   help="an experiment, not the method: draw ONE z per image before training and fit stage 2 to those "
+                        "(the authors draw a fresh z for every batch)")
     p.add_argument("--mmd-n", type=int, default=10000, help="samples per side for Table 3's MMD, computed after training")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.bench:  # random latents of the right size: the step's speed does not depend on them
-        cfg = {"latent_dim": 64, "width": args.width, "depth": args.depth}
-        z = torch.randn(args.batch_size, 64, device=args.device)
-        return bench(f"stage 2 | {args.depth} x {args.width} MLPs, batch {args.batch_size}, kappa 64",
-                     lambda plain: build_model(cfg), stage2_loss, z, args.device)
     out = args.out or os.path.join("runs", args.data)
     path = os.path.join(out, "stage2.pt")
     stage1 = load_checkpoint(os.path.join(out, "stage1.pt"))
     if stage1 is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
     mu_z, sigma_z = load_latents(out, stage1)
-    ckpt = start_or_resume(args, path, defaults_epochs=800)
+    ckpt = start_or_resume(args, path, STAGE2_DEFAULTS)
     cfg = ckpt["config"]
     cfg["latent_dim"] = mu_z.shape[1]
     # which stage-1 run these latents come from; sample.py refuses to mix runs
@@ -184,11 +196,12 @@ def main(argv=None):
     opt = make_optimizer(model, cfg["lr"])
     restore(ckpt, model, opt)
 
-    def step(idx):
-        z = mu_z[idx] + sigma_z[idx] * torch.randn_like(mu_z[idx])  # a fresh z ~ q(z|x) every batch
-        return stage2_loss(model, z)
-
-    fit(model, opt, ckpt, len(mu_z), step, path, "loggamma_z")
+    if cfg.get("fixed_z"):  # the experiment: one draw per image, the same at every epoch and on --resume
+        g = torch.Generator(mu_z.device).manual_seed(cfg["seed"])
+        z = mu_z + sigma_z * torch.randn(mu_z.shape, generator=g, device=mu_z.device)
+        fit(model, opt, ckpt, (z,), lambda z: stage2_loss(model, z), path, "loggamma_z")
+    else:
+        fit(model, opt, ckpt, (mu_z, sigma_z), lambda mu, sigma: stage2_loss(model, fresh_z(mu, sigma)), path, "loggamma_z")
 
     # Table 3: the MMD of q(z) (what 1-stage sampling wrongly assumes is N(0, I)) and of q(u) (what
     # 2-stage sampling assumes) to N(0, I); stage 2 should bring it close to 0.

@@ -2,17 +2,26 @@
 settings, CPU, no network), the losses against closed forms, the data loaders on fake copies of
 each data set in torchvision's on-disk layout, fid.py against independent reference values
 (../shared/fid/fixture.npz), Table 3's MMD against a direct double loop, results/table1.py end to end
-and theory.ipynb top to bottom, the speed benchmark's table.  Run:  pytest -q test_smoke.py
-(30 tests: 3 min 44 s on 2 idle CPU cores in .ci/run's fresh venv, 2026-11-24)."""
+and theory.ipynb top to bottom, the speed benchmark's table, and the course's grading tests
+(course/test_exercises.py).  Run:  pytest -q test_smoke.py  (its measured time: results/README.md, "Tests").
+
+One tiny two-stage run is trained once through the real command line (the `tiny` fixture) and shared;
+tests that change a run work on a copy. The command-line behaviour is tested in subprocesses;
+everything else calls the scripts' main() in this process, which runs the same code without paying
+Python's and torch's start-up for each call."""
+import copy
 import gzip
+import importlib.util
 import json
 import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +34,19 @@ import fid  # noqa: E402
 import sample  # noqa: E402
 import stage1  # noqa: E402
 import stage2  # noqa: E402
+from course.test_exercises import *  # noqa: E402,F401,F403  the grading tests run in the main suite too
+
+
+def load_script(path):
+    """A script under results/ as a module (results/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = load_script(HERE / "results" / "speed.py")
+table1 = load_script(HERE / "results" / "table1.py")
 
 DATA_ROOT = SHARED / "datasets"  # MNIST only, torchvision layout
 FID_WEIGHTS = SHARED / "fid" / "pt_inception-2015-12-05.pth"
@@ -49,6 +71,13 @@ def run(script, *args, cwd=HERE, check=True, timeout=600):
     return r
 
 
+def refused(main, argv):
+    """The one-line error a script's main() stops with (die()'s SystemExit message)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and len(message.splitlines()) == 1, message
+    return message
 # ---------------------------------------------------------------------------------------------
 # fake data sets in torchvision's on-disk layout
 
@@ -72,11 +101,14 @@ def fake_mnist(root, folder="MNIST", n=256):
     return root
 
 
-def mnist_root(tmp_path):
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
     """The real MNIST from ../shared when present (always under CI), else a tiny synthetic one."""
     if (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() or IN_CI:
         return need(DATA_ROOT)
-    return fake_mnist(tmp_path / "synthetic")
+    return fake_mnist(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_fashion_loader_on_fake_copy(tmp_path):
@@ -190,46 +222,68 @@ def test_diverging_training_stops_and_keeps_last_good_checkpoint(tmp_path):
     path = str(tmp_path / "stage1.pt")
     calls = []
 
-    def step(idx):
+    def batch_loss(x):
         calls.append(1)
-        loss = model(torch.ones(2, 2)).sum() * (float("nan") if len(calls) > 2 else 1.0)  # NaN in epoch 2
+        loss = model(x).sum() * (float("nan") if len(calls) > 2 else 1.0)  # NaN in epoch 2
         return loss, loss, loss
     with pytest.raises(SystemExit, match="diverged in epoch 2"):
-        stage1.fit(model, opt, ckpt, 4, step, path, "loggamma_x")
+        stage1.fit(model, opt, ckpt, (torch.ones(4, 2),), batch_loss, path, "loggamma_x")
     assert torch.load(path, weights_only=False)["epoch"] == 1  # epoch 1's checkpoint, untouched
 
+
+def test_fit_shows_progress_and_the_runs_length(tmp_path, capsys):
+    """Within an epoch: a forecast of the whole run once, then progress lines (steps, img/s, the
+    epoch's and the run's ETA), each a whole line, so a log file stays readable."""
+    model = torch.nn.Linear(2, 2)
+    model.loggamma_x = torch.nn.Parameter(torch.zeros(()))
+    opt = torch.optim.Adam(model.parameters())
+    ckpt = {"config": {"batch_size": 2, "epochs": 3, "lr": 1e-4, "lr_epochs": 150}, "epoch": 1, "history": []}
+    batch_loss = lambda x: (model(x).square().mean(),) * 3
+    stage1.fit(model, opt, ckpt, (torch.randn(10, 2),), batch_loss, str(tmp_path / "c.pt"), "loggamma_x",
+               progress_every=0.0, forecast_after=0.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"speed: \d+ img/s, so an epoch takes about \d+m\d\ds and these 2 epochs about \d+m\d\ds on cpu", lines[0])
+    progress = [l for l in lines if l.startswith("  epoch")]
+    # 5 steps an epoch: a line after steps 2-4 of epoch 2 (step 1 said the forecast) and 1-4 of epoch 3
+    assert [l.split("|")[:2] for l in progress] == [[f"  epoch {e}/3 ", f" step {s}/5 "] for e, s in
+                                                     [(2, 2), (2, 3), (2, 4), (3, 1), (3, 2), (3, 3), (3, 4)]]
+    assert all(re.search(r"\| \d+ img/s \| epoch ETA \d+m\d\ds \| run ETA \d+m\d\ds$", l) for l in progress)
+    assert [l.split(" |")[0] for l in lines if l.startswith("epoch")] == ["epoch 2/3", "epoch 3/3"]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_our_step_follows_the_plain_step(stage):
     """The speed work (output-scaled spectral norm with W v from the layer's own matmul, fused Adam,
     the allocator setting) changes no result: 5 steps of our step and of a plain eager step (torch's
-    spectral_norm, torch.optim.Adam at its defaults) give the same loss trajectory to float tolerance."""
-    if stage == 1:  # plain: torch's own spectral_norm parametrization; ours: stage1.SpectralNorm
-        config = {"data": "mnist", "arch": "infogan", "latent_dim": 64, "loss": "learned-gamma"}
-        build, loss_fn = lambda plain: stage1.build_model(config, torch_sn=plain), \
-            lambda m, x: stage1.stage1_loss(m, x, "learned-gamma")
+    spectral_norm parametrization with the same u, v; torch.optim.Adam at its defaults) give the same
+    loss trajectory to float tolerance."""
+    torch.manual_seed(0)
+    if stage == 1:
+        model = stage1.build_model({"data": "mnist", "arch": "infogan", "latent_dim": 64, "loss": "learned-gamma"})
+        loss_fn = stage1.stage1_loss
         batches = torch.rand(5, 64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     else:
-        build, loss_fn = lambda plain: stage2.Stage2VAE(64, 1024, 3), stage2.stage2_loss
+        model = stage2.Stage2VAE(64, 1024, 3)
+        loss_fn = stage2.stage2_loss
         batches = torch.randn(5, 64, 64, generator=torch.Generator().manual_seed(0))
     runs = []
     for plain in (True, False):
-        torch.manual_seed(0)
-        model = build(plain)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=1e-4) if plain else stage1.make_optimizer(model, 1e-4)
+        m = speed.plain_model(model) if plain else copy.deepcopy(model)
+        assert not plain or not any(isinstance(x, stage1.SpectralNorm) for x in m.modules())
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-4) if plain else stage1.make_optimizer(m, 1e-4)
         if not plain:
             stage1.reuse_freed_memory()  # as fit() does
+        torch.manual_seed(1)  # the same eps draws in both
         losses = []
         for x in batches:
-            loss = loss_fn(model, x)[0]
+            loss = loss_fn(m, x)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
         runs.append((losses, [p.detach().clone() for p in params]))
-        assert params[0] is (model.loggamma_x if stage == 1 else model.loggamma_z)
+        assert params[0] is (m.loggamma_x if stage == 1 else m.loggamma_z)
     np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-5)
     assert runs[0][0][-1] < runs[0][0][0]  # and training did something
     # parameters are not compared one by one: a bias right before a BatchNorm has a gradient of pure
@@ -237,12 +291,14 @@ def test_our_step_follows_the_plain_step(stage):
     torch.testing.assert_close(runs[0][1][0], runs[1][1][0], rtol=1e-5, atol=0)  # loggamma (first param)
 
 
-def test_bench_prints_the_three_variants_against_the_floor(capsys):
-    """--bench (README, "Speed"): one row per variant, each ratio its ms / floor ms and ms / plain ms."""
-    rows, floor = stage2.main(["--bench", "--width", "64", "--device", "cpu"])
+def test_speed_prints_the_three_variants_against_the_floor(capsys):
+    """results/speed.py (results/README.md, "Speed"): one row per variant, each ratio its ms / floor
+    ms and ms / plain ms."""
+    rows, floor = speed.main(["--stage", "2", "--width", "64", "--steps", "5", "--device", "cpu"])[2]
     assert list(rows) == ["plain", "ours", "plain+mem"] and floor > 0
     printed = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()
                if line.split() and line.split()[0] in rows}
+    assert set(printed) == set(rows)
     for variant, (ms, per_s, floor_ms, x_floor, x_plain) in printed.items():
         assert ms == pytest.approx(rows[variant] * 1e3, abs=0.05) and floor_ms == pytest.approx(floor * 1e3, abs=0.05)
         assert x_floor == pytest.approx(rows[variant] / floor, abs=0.006)
@@ -261,12 +317,27 @@ def state(path):
     return torch.load(path, weights_only=False)
 
 
-def test_pipeline_stage1_stage2_sample(tmp_path):
-    root, run_dir = mnist_root(tmp_path), tmp_path / "run"
-    r = run("stage1.py", "--data", "mnist", "--data-root", root, "--out", run_dir, "--epochs", 2, "--snapshots", 1, *TINY1)
-    assert re.search(r"epoch 2/2 \| loss \S+ \| rec \S+ \| kl \S+ \| loggamma_x -?\d\.\d+ \| \d+ img/s \| ETA", r.stdout), r.stdout
+@pytest.fixture(scope="module")
+def tiny(data_root, tmp_path_factory):
+    """One tiny two-stage run through the real command line: stage 1 for 2 epochs on 256 digits
+    (kappa 8, a snapshot at epoch 1), stage 2 for 2 epochs. Shared: tests that change it copy it."""
+    d = tmp_path_factory.mktemp("tiny") / "run"
+    r = run("stage1.py", "--data", "mnist", "--data-root", data_root, "--out", d, "--epochs", 2, "--snapshots", 1, *TINY1)
+    run("stage2.py", "--data", "mnist", "--out", d, "--epochs", 2, *TINY2)
+    return SimpleNamespace(dir=d, root=str(data_root), stage1_stdout=r.stdout)
+
+
+def copy_run(tiny, to, stage2_too=True):
+    shutil.copytree(tiny.dir, to, ignore=None if stage2_too else shutil.ignore_patterns("stage2.*"))
+    return to
+
+
+def test_stage1_writes_checkpoint_snapshot_latents(tiny):
+    run_dir = tiny.dir
+    assert re.search(r"epoch 2/2 \| loss \S+ \| rec \S+ \| kl \S+ \| loggamma_x -?\d\.\d+ \| \d+ img/s \| ETA", tiny.stage1_stdout)
     ck = state(run_dir / "stage1.pt")
     assert ck["epoch"] == 2 and ck["config"]["latent_dim"] == 8 and len(ck["history"]) == 2
+    assert ck["config"]["lr"] == 1e-4 and ck["config"]["lr_epochs"] == 150 and ck["config"]["loss"] == "learned-gamma"
     assert state(run_dir / "stage1_e0001.pt")["epoch"] == 1  # --snapshots keeps epoch 1's checkpoint
     # Adam moves loggamma_x by about lr = 1e-4 per step, down (gamma -> 0, Theorem 3): 16 steps
     assert -16e-4 * 1.1 < ck["model"]["loggamma_x"].item() < -8e-4
@@ -280,17 +351,24 @@ def test_pipeline_stage1_stage2_sample(tmp_path):
     assert latents["loggamma_x"] == ck["model"]["loggamma_x"].item()
     assert latents["active_dims"] == int(((sigma_z ** 2).mean(0) < 0.5).sum())
 
-    run("stage2.py", "--data", "mnist", "--out", run_dir, "--epochs", 2, *TINY2)  # loggamma_z is learned too
-    ck2 = state(run_dir / "stage2.pt")
+
+def test_stage2_writes_checkpoint_and_table3(tiny):
+    ck, ck2 = state(tiny.dir / "stage1.pt"), state(tiny.dir / "stage2.pt")
     assert ck2["stage1"] == {"run_id": ck["config"]["run_id"], "epoch": 2, "data": "mnist"}
-    assert ck2["model"]["loggamma_z"].item() != 0 and np.isfinite(ck2["history"][-1]["loss"])
-    summary2 = json.loads((run_dir / "stage2.json").read_text())  # Table 3's numbers, after training
+    assert ck2["config"]["lr_epochs"] == 300 and ck2["config"]["width"] == 32 and ck2["config"]["fixed_z"] is False
+    assert ck2["model"]["loggamma_z"].item() != 0 and np.isfinite(ck2["history"][-1]["loss"])  # loggamma_z is learned too
+    summary2 = json.loads((tiny.dir / "stage2.json").read_text())  # Table 3's numbers, after training
     assert summary2["epoch"] == 2 and summary2["loggamma_z"] == ck2["model"]["loggamma_z"].item()
     assert "n = 256" in summary2["mmd_estimator"] and all(np.isfinite([summary2["mmd_stage1"], summary2["mmd_stage2"]]))
 
-    for flags, name in ((["--stage", 2], "samples"), (["--stage", 1], "samples_stage1"),
-                        (["--stage", 2, "--no-z-noise"], "samples_no_z_noise"), (["--recon", "--data-root", root], "recon")):
-        run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16, *flags)
+
+def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path):
+    run_dir = copy_run(tiny, tmp_path / "run")
+    run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16)  # the command line once
+    for flags, name in ((["--stage", 1], "samples_stage1"), (["--stage", 2, "--no-z-noise"], "samples_no_z_noise"),
+                        (["--recon", "--data-root", tiny.root], "recon")):
+        sample.main([str(a) for a in ["--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16, *flags]])
+    for name in ("samples", "samples_stage1", "samples_no_z_noise", "recon"):
         x = np.load(run_dir / f"{name}.npy")
         assert x.shape == (30, 1, 28, 28) and x.dtype == np.float32 and np.isfinite(x).all()
         assert 0 <= x.min() and x.max() <= 1 and x.std() > 0
@@ -298,31 +376,58 @@ def test_pipeline_stage1_stage2_sample(tmp_path):
         fid.as_nchw(x)  # what sample.py writes, fid.py accepts
     # the same u (same seed) with and without the gamma_z eps term: different images
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_no_z_noise.npy"))
-
     # stage 1 trained on: stage2.pt no longer fits it, and sampling says so
-    run("stage1.py", "--out", run_dir, "--resume", "--epochs", 3, "--data-root", root)
-    r = run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 4, check=False)
-    assert r.returncode != 0 and "stage2.py --out" in r.stderr.strip().splitlines()[-1]
+    stage1.main(["--out", str(run_dir), "--resume", "--epochs", "3", "--data-root", tiny.root])
+    assert "stage2.py --out" in refused(sample.main, ["--data", "mnist", "--out", run_dir, "--n", 4])
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    root = mnist_root(tmp_path)
-    a, b = tmp_path / "a", tmp_path / "b"
-    run("stage1.py", "--data-root", root, "--out", a, "--epochs", 2, *TINY1)
-    run("stage1.py", "--data-root", root, "--out", b, "--epochs", 1, *TINY1)
-    run("stage1.py", "--data-root", root, "--out", b, "--epochs", 2, "--resume")
-    sa, sb = state(a / "stage1.pt"), state(b / "stage1.pt")
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+    """Epoch 1's snapshot resumed to epoch 2 ends with the parameters, BN statistics and
+    spectral-norm vectors of the uninterrupted 2-epoch run, bit for bit; stage 2 likewise."""
+    b = tmp_path / "b"
+    b.mkdir()
+    shutil.copyfile(tiny.dir / "stage1_e0001.pt", b / "stage1.pt")
+    stage1.main(["--out", str(b), "--resume", "--epochs", "2", "--data-root", tiny.root])
+    sa, sb = state(tiny.dir / "stage1.pt"), state(b / "stage1.pt")
     assert sa["model"].keys() == sb["model"].keys()
-    for k in sa["model"]:  # parameters, BN statistics and spectral-norm vectors, bit for bit
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
-    assert np.array_equal(np.load(a / "mu_z.npy"), np.load(b / "mu_z.npy"))
-    # stage 2 likewise, each on its own (identical) latents
-    run("stage2.py", "--out", a, "--epochs", 2, *TINY2)
-    run("stage2.py", "--out", b, "--epochs", 1, *TINY2)
-    run("stage2.py", "--out", b, "--epochs", 2, "--resume")
-    sa, sb = state(a / "stage2.pt"), state(b / "stage2.pt")
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert np.array_equal(np.load(tiny.dir / "mu_z.npy"), np.load(b / "mu_z.npy"))
+    # stage 2 on the (identical) latents: 1 epoch, then resumed to 2
+    stage2.main([str(a) for a in ["--out", b, "--epochs", 1, *TINY2]])
+    stage2.main(["--out", str(b), "--epochs", "2", "--resume"])
+    sa, sb = state(tiny.dir / "stage2.pt"), state(b / "stage2.pt")
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_resume_refuses_flags_that_would_change_the_run(tiny, tmp_path):
+    run_dir = copy_run(tiny, tmp_path / "run")
+    mtime = (run_dir / "stage1.pt").stat().st_mtime_ns
+    for flags, said in ((["--lr", "1e-3"], "--lr 0.001 (the run's: 0.0001)"), (["--batch-size", 64], "--batch-size 64 (the run's: 32)"),
+                        (["--seed", 0], "--seed 0 (the run's: 1)"), (["--latent-dim", 64], "--latent-dim 64")):
+        message = refused(stage1.main, ["--out", run_dir, "--resume", "--data-root", tiny.root, *flags])
+        assert said in message and "fix: drop that flag" in message
+    assert "--width 64 (the run's: 32)" in refused(stage2.main, ["--out", run_dir, "--resume", "--width", 64])
+    assert (run_dir / "stage1.pt").stat().st_mtime_ns == mtime  # nothing written
+    # the run's own values, given again, are fine; so is a new --epochs
+    stage1.main(["--out", str(run_dir), "--resume", "--lr", "1e-4", "--seed", "1", "--epochs", "2", "--data-root", tiny.root])
+
+
+def test_stage2_fixed_z_is_one_draw_per_image(tiny, tmp_path, monkeypatch):
+    """--fixed-z, the course's experiment: stage 2 sees the same z for an image at every epoch;
+    the default draws a fresh one for every batch. Checked through what each run fed to stage2_loss."""
+    run_dir = copy_run(tiny, tmp_path / "run", stage2_too=False)
+    original, seen = stage2.stage2_loss, []
+    monkeypatch.setattr(stage2, "stage2_loss", lambda model, z: seen.append(z.detach().clone()) or original(model, z))
+    for flags in ([], ["--fixed-z"]):
+        seen.clear()
+        stage2.main([str(a) for a in ["--out", run_dir, "--epochs", 2, *TINY2, *flags, "--mmd-n", 16]])
+        assert len(seen) == 16  # 2 epochs of 256 / 32 steps
+        epochs = [{tuple(r.tolist()) for r in torch.cat(seen[e * 8:(e + 1) * 8])} for e in (0, 1)]
+        assert len(epochs[0]) == 256  # each image once an epoch
+        assert (epochs[0] == epochs[1]) == bool(flags), flags
+        (run_dir / "stage2.pt").unlink()
 
 
 def test_mmd_is_the_unbiased_imq_estimator():
@@ -362,17 +467,18 @@ def test_aggregate_posterior_samples_draw_from_both_posteriors():
     assert u.mean().item() == pytest.approx(1.0, abs=0.02) and u.std().item() == pytest.approx((0.0625 + 0.09) ** 0.5, rel=0.02)
 
 
-def test_table1_driver_runs_resumes_and_summarises(tmp_path, monkeypatch):
+def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypatch, capsys):
     """results/table1.py end to end at a toy budget: every row, Table 3, a two-point budget curve
     from a long run's snapshots; a second call finds everything done and runs no script."""
-    root = mnist_root(tmp_path)
     monkeypatch.setenv("TWOSTAGE_INCEPTION", str(need(FID_WEIGHTS)))
     long_run, out = tmp_path / "long", tmp_path / "table1"
-    run("stage1.py", "--data-root", root, "--out", long_run, "--epochs", 2, "--snapshots", "1,2", "--limit", 128)
+    stage1.main([str(a) for a in ["--data-root", data_root, "--out", long_run, "--epochs", 2, "--snapshots", "1,2", "--limit", 128]])
     args = ["--seeds", 0, "--stage1-epochs", 1, "--stage2-epochs", 1, "--limit", 128, "--n-fid", 12, "--fid-ref-n", 12,
             "--fid-cache", tmp_path / "fid_stats", "--curve", long_run, "--curve-epochs", "1,2", "--curve-n-fid", 12,
-            "--out", out, "--json", tmp_path / "t1.json", "--data-root", root]
-    r = run("results/table1.py", *args)
+            "--out", out, "--json", tmp_path / "t1.json", "--data-root", data_root]
+    args = [str(a) for a in args]
+    table1.main(args)
+    assert re.search(r"^vae_cross_entropy +\d+\.\d +16\.6 \+- 0\.4$", capsys.readouterr().out, re.M)  # the printed table
     summary = json.loads((tmp_path / "t1.json").read_text())
     assert set(summary["rows"]) == {"two_stage", "vae_learned_gamma", "vae_fixed_gamma", "vae_cross_entropy"}
     assert all(np.isfinite(row["fid"]) and row["n_trials"] == 1 for row in summary["rows"].values())
@@ -384,21 +490,27 @@ def test_table1_driver_runs_resumes_and_summarises(tmp_path, monkeypatch):
     trial = summary["trials"]["learned-gamma/seed0"]
     assert trial["seconds"]["stage1_from"] == str(long_run / "stage1_e0001.pt")
     assert not re.search(r"^epoch \d+/\d+ .*loggamma_x", (out / "learned-gamma" / "seed0" / "log.txt").read_text(), re.M)
+    assert re.search(r"^epoch 1/1 .*loggamma_x", (out / "fixed-gamma" / "seed0" / "log.txt").read_text(), re.M)
     fid_of = lambda d, name: json.loads((out / d / "seed0" / f"{name}.fid.json").read_text())["fid"]
     assert summary["rows"]["two_stage"]["fid"] == fid_of("learned-gamma", "samples")
     assert summary["rows"]["vae_learned_gamma"]["fid"] == fid_of("learned-gamma", "samples_stage1")
     assert summary["rows"]["vae_fixed_gamma"]["fid"] == fid_of("fixed-gamma", "samples_stage1")
     assert summary["rows"]["vae_cross_entropy"]["fid"] == fid_of("cross-entropy", "samples_stage1")
     assert trial["fid_one_stage"] == summary["budget_curve"][0]["fid_one_stage"]  # the same model, sampled alike
-    assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0 and "vae_cross_entropy" in r.stdout
+    assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0
     logs = {p: p.read_text() for p in out.rglob("log.txt")}
     assert len(logs) == 5  # three decoders + two curve points
-    run("results/table1.py", *args)
+    table1.main(args)
     assert {p: p.read_text() for p in out.rglob("log.txt")} == logs  # nothing re-ran
     assert json.loads((tmp_path / "t1.json").read_text())["rows"] == summary["rows"]
+    # a failing step stops the driver with one line naming the step and its log
+    (out / "fixed-gamma" / "seed0" / "latents.json").unlink()
+    (out / "fixed-gamma" / "seed0" / "stage1.pt").write_text("not a checkpoint")
+    message = refused(table1.main, args)
+    assert "stage1.py" in message and str(out / "fixed-gamma" / "seed0" / "log.txt") in message
 
 
-def test_theory_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch):
     """theory.ipynb executed as CI does: no run directory, so it trains a tiny one itself; any
     cell's error fails the test. The executed copy goes to tmp_path, never over the committed one."""
     if IN_CI:  # installed by .ci/run: a missing package is a failure there
@@ -408,11 +520,12 @@ def test_theory_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         nbclient = pytest.importorskip("nbclient")
         nbformat = pytest.importorskip("nbformat")
     pytest.importorskip("matplotlib") if not IN_CI else __import__("matplotlib")
-    monkeypatch.setenv("TWOSTAGE_DATA", str(mnist_root(tmp_path)))
+    monkeypatch.setenv("TWOSTAGE_DATA", str(data_root))
     monkeypatch.setenv("TWOSTAGE_RUN", str(tmp_path / "nb_run"))
     monkeypatch.setenv("TWOSTAGE_FIXED", str(tmp_path / "nb_fixed"))
     monkeypatch.setenv("TWOSTAGE_NB_EPOCHS", "1")
     monkeypatch.setenv("TWOSTAGE_NB_LIMIT", "256")
+    monkeypatch.setenv("TWOSTAGE_NB_TEST", "500")
     nb = nbformat.read(HERE / "theory.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     nbformat.write(nb, tmp_path / "executed.ipynb")
@@ -423,37 +536,41 @@ def test_theory_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert (tmp_path / "nb_run" / "stage2.pt").exists() and (tmp_path / "nb_fixed" / "stage1.pt").exists()
 
 
-def test_stage2_refuses_bad_latents(tmp_path):
-    root, run_dir = mnist_root(tmp_path), tmp_path / "run"
-    r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
-    assert r.returncode != 0 and "stage1.pt is missing" in r.stderr and "python stage1.py" in r.stderr
-    run("stage1.py", "--data-root", root, "--out", run_dir, "--epochs", 1, *TINY1)
+def test_stage2_refuses_bad_latents(tiny, tmp_path):
+    r = run("stage2.py", "--out", tmp_path / "empty", "--epochs", 1, check=False)  # the command line: one line
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "stage1.pt is missing" in lines[0] and "python stage1.py" in lines[0]
+    run_dir = copy_run(tiny, tmp_path / "run", stage2_too=False)
     good = np.load(run_dir / "sigma_z.npy")
     for bad, msg in ((good[:, :4], "do not match"), (np.where(good > good.mean(), np.nan, good), "NaN"),
                      (-good, "sigma_z <= 0"), (good[0], "expected float (n, kappa)")):
         np.save(run_dir / "sigma_z.npy", bad)
-        r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
-        line = r.stderr.strip().splitlines()[-1]
-        assert r.returncode != 0 and msg in line and "python stage1.py" in line, r.stderr
+        message = refused(stage2.main, ["--out", run_dir, "--epochs", 1])
+        assert msg in message and "python stage1.py" in message, message
         assert not (run_dir / "stage2.pt").exists()
     (run_dir / "mu_z.npy").unlink()
-    r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
-    assert r.returncode != 0 and "mu_z.npy is missing" in r.stderr
+    assert "mu_z.npy is missing" in refused(stage2.main, ["--out", run_dir, "--epochs", 1])
     # latents from another epoch than stage1.pt (a killed --resume): refused
     (run_dir / "latents.json").write_text(json.dumps({"run_id": "x", "epoch": 7}))
-    r = run("stage2.py", "--out", run_dir, "--epochs", 1, check=False)
-    assert r.returncode != 0 and "latents come from" in r.stderr and "--resume" in r.stderr
+    message = refused(stage2.main, ["--out", run_dir, "--epochs", 1])
+    assert "latents come from" in message and "--resume" in message
 
 
-def test_help_lists_every_flag_with_its_default():
-    for script, flags in (("stage1.py", ["--epochs", "--lr-epochs", "--loss", "--arch", "--latent-dim", "--data-root"]),
-                          ("stage2.py", ["--epochs", "--lr-epochs", "--width", "--depth"]),
-                          ("sample.py", ["--stage", "--recon", "--n"]), ("fid.py", ["--authors-minmax", "--inception"])):
-        out = run(script, "--help").stdout
+def test_help_lists_every_flag_with_its_default(capsys):
+    for main, flags in ((stage1.main, ["--epochs", "--lr-epochs", "--loss", "--arch", "--latent-dim", "--data-root"]),
+                        (stage2.main, ["--epochs", "--lr-epochs", "--width", "--depth", "--fixed-z"]),
+                        (sample.main, ["--stage", "--recon", "--n"]), (fid.main, ["--authors-minmax", "--inception"]),
+                        (speed.main, ["--stage", "--steps"]), (table1.main, ["--seeds", "--curve"])):
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0
         for flag in flags + ["--device"]:
-            assert flag in out, (script, flag)
+            assert flag in out, (main.__module__, flag)
         assert "default" in out
-        assert not re.search(r"\(default:[^)]*\)\s+\(default:", out), (script, "a default said twice")
+        assert not re.search(r"\(default:[^)]*\)\s+\(default:", out), (main.__module__, "a default said twice")
+    out = run("stage1.py", "--help").stdout  # and through the command line once
+    assert "(default: 400, the paper's" in re.sub(r"\s+", " ", out) and "(default: 0.0001, the authors')" in re.sub(r"\s+", " ", out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +735,7 @@ def test_fid_cli_two_arrays(tmp_path):
         "fid.py: error: nan.npy: images contain NaN or inf; fix: check the sampler's output"]
 
 
-def test_fid_cli_samples_writes_json_and_reuses_cache(tmp_path):
+def test_fid_cli_samples_writes_json_and_reuses_cache(tmp_path, monkeypatch, capsys):
     need(FID_WEIGHTS)
     np.save(tmp_path / "samples.npy", (mnist_digits(24)[16:] / 255).astype(np.float32))  # float in [0, 1]
     common = ["--data", "mnist", "--n", 16, "--data-root", need(DATA_ROOT), "--cache", "stats",
@@ -632,9 +749,9 @@ def test_fid_cli_samples_writes_json_and_reuses_cache(tmp_path):
     assert {"torch", "numpy", "python"} <= set(res["versions"]) and res["date"]
     (stats,) = (tmp_path / "stats").iterdir()
     mtime = stats.stat().st_mtime_ns
-    r = run_cli("--samples", "samples.npy", "--authors-minmax", *common, cwd=tmp_path)          # second run
-    assert r.returncode == 0, r.stderr
-    assert "(authors-minmax:" in r.stdout and stats.stat().st_mtime_ns == mtime                   # cache reused
+    monkeypatch.chdir(tmp_path)  # a second run, in this process (the command line was tested above)
+    fid.main([str(a) for a in ["--samples", "samples.npy", "--authors-minmax", *common]])
+    assert "(authors-minmax:" in capsys.readouterr().out and stats.stat().st_mtime_ns == mtime     # cache reused
     assert json.loads((tmp_path / "samples.fid-authors-minmax.json").read_text())["convention"].startswith("authors")
 
 

@@ -2,9 +2,9 @@
 
     # the paper's protocol (meant for a GPU): 10 seeds x 3 stage-1 decoders, 400 + 800 epochs
     python results/table1.py --seeds 0-9
-    # the CPU budget the README reports, with the budget curve from a long run's snapshots
+    # the reduced budget of results/README.md, with the budget curve from a long run's snapshots
     python results/table1.py --seeds 0 --stage1-epochs 10 --stage2-epochs 20 \
-        --curve runs/mnist --curve-epochs 5,10,20,30 --curve-n-fid 5000 --json results/mnist_table1.json
+        --curve runs/mnist --curve-epochs 5,10,20,30,40,60 --curve-n-fid 5000 --json results/mnist_table1.json
 
 One trial = one stage-1 decoder (learned gamma, fixed gamma = 1, Bernoulli cross-entropy) and one
 seed, in its own directory <out>/<decoder>/seed<k>/. The learned-gamma trial gives two rows of
@@ -20,12 +20,13 @@ the starting checkpoint when its epoch is the trial's: the lr schedule depends o
 it is the same model a fresh run would train (on the same device; test_smoke.py checks resume).
 """
 import argparse
+import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
@@ -58,20 +59,26 @@ def read_json(path):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-def run(script, args, log, env):
-    """One call of a project script, its output appended to the trial's log; wall seconds."""
-    cmd = [sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args]
+def run(script, args, log):
+    """One call of a project script's main(), in this process (no Python and torch start-up per
+    step), its output appended to the trial's log; wall seconds. Each script seeds its own RNG."""
+    module = importlib.import_module(script[:-3])
     t0 = time.time()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if code:
-        die(f"`{script} {' '.join(map(str, args))}` failed (exit {code}); see the end of {log}")
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print(f"$ python {script} {' '.join(map(str, args))}", flush=True)
+        try:
+            module.main([str(a) for a in args])
+            error = None
+        except SystemExit as e:  # die(), argparse and fid.py's one-line errors
+            error = e.code
+            if error:
+                print(error if isinstance(error, str) else f"exit {error}", flush=True)
+    if error:
+        die(f"`{script} {' '.join(map(str, args))}` failed; see the end of {log}")
     return round(time.time() - t0, 1)
 
 
-def trial(d, loss, seed, e1, e2, n_fid, minmax, a, env, snapshot=None):
+def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None):
     """Train (or finish) one trial in directory d and return its record (also written to d/trial.json)."""
     os.makedirs(d, exist_ok=True)
     log = os.path.join(d, "log.txt")
@@ -89,7 +96,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, env, snapshot=None):
     done = read_json(latents)
     if not (done and done["epoch"] == e1 and newer(latents, ck1)):
         resume = ["--resume"] if os.path.exists(ck1) else ["--loss", loss, "--seed", seed, "--limit", a.limit]
-        seconds["stage1"] = run("stage1.py", common + resume + ["--epochs", e1, "--data-root", a.data_root], log, env)
+        seconds["stage1"] = run("stage1.py", common + resume + ["--epochs", e1, "--data-root", a.data_root], log)
         done = read_json(latents)
         if done["epoch"] != e1:
             die(f"{ck1} is at epoch {done['epoch']}, not {e1}; fix: delete {d} to start this trial afresh")
@@ -105,7 +112,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, env, snapshot=None):
             if os.path.exists(ck2) and not newer(ck2, latents):
                 os.remove(ck2)  # fitted to older latents: stage 2 starts again
             resume = ["--resume"] if os.path.exists(ck2) else ["--seed", seed]
-            seconds["stage2"] = run("stage2.py", common + resume + ["--epochs", e2], log, env)
+            seconds["stage2"] = run("stage2.py", common + resume + ["--epochs", e2], log)
             done2 = read_json(summary2)
             if done2["epoch"] != e2:
                 die(f"{ck2} is at epoch {done2['epoch']}, not {e2}; fix: delete {ck2} to refit stage 2")
@@ -117,13 +124,13 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, env, snapshot=None):
     for stage, name, source in samplers:
         npy = os.path.join(d, f"{name}.npy")
         if not (newer(npy, source) and len(np.load(npy, mmap_mode="r")) == n_fid):
-            seconds[f"sample_stage{stage}"] = run("sample.py", common + ["--stage", stage, "--n", n_fid, "--seed", seed], log, env)
+            seconds[f"sample_stage{stage}"] = run("sample.py", common + ["--stage", stage, "--n", n_fid, "--seed", seed], log)
         conventions = [("", ".fid.json")] + ([("--authors-minmax", ".fid-authors-minmax.json")] if minmax and stage == 2 else [])
         for flag, suffix in conventions:
             out = os.path.join(d, name + suffix)
             if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
                 fid_args = fid_common + ["--samples", npy] + ([flag] if flag else [])
-                seconds[f"fid_stage{stage}{flag.replace('--', '_')}"] = run("fid.py", fid_args, log, env)
+                seconds[f"fid_stage{stage}{flag.replace('--', '_')}"] = run("fid.py", fid_args, log)
             key = ("fid_two_stage" if stage == 2 else "fid_one_stage") + ("_minmax" if flag else "")
             record[key] = read_json(out)["fid"]
     record["seconds"] = seconds
@@ -206,7 +213,6 @@ def main(argv=None):
     out = os.path.abspath(a.out or os.path.join(ROOT, "runs", f"table1-{a.data}"))
     a.curve, a.json, a.plot, a.data_root, a.fid_cache = [os.path.abspath(p) if p else p for p in
                                                          (a.curve, a.json, a.plot, a.data_root, a.fid_cache)]
-    env = dict(os.environ)
     started = time.time()
 
     long_run = (load_checkpoint(os.path.join(a.curve, "stage1.pt")) or die(f"{a.curve}/stage1.pt is missing; fix: pass the "
@@ -220,7 +226,7 @@ def main(argv=None):
             snapshot = None
             if long_run and same_run(long_run, loss, seed, a):  # the long run IS this trial's model, so far
                 snapshot = os.path.join(a.curve, f"stage1_e{a.stage1_epochs:04d}.pt")
-            trials[(loss, seed)] = trial(d, loss, seed, a.stage1_epochs, a.stage2_epochs, a.n_fid, not a.no_minmax, a, env, snapshot)
+            trials[(loss, seed)] = trial(d, loss, seed, a.stage1_epochs, a.stage2_epochs, a.n_fid, not a.no_minmax, a, snapshot)
 
     curve = []
     for e in [int(x) for x in a.curve_epochs.split(",") if x.strip()]:
@@ -230,7 +236,7 @@ def main(argv=None):
             die(f"{snapshot} is missing; fix: train the long run with --snapshots including {e}")
         if not same_run(long_run, "learned-gamma", long_run["seed"], a):
             die(f"{a.curve} is not a learned-gamma {a.data} run like the trials'; fix: pass such a run to --curve")
-        r = trial(d, "learned-gamma", long_run["seed"], e, a.stage2_epochs, a.curve_n_fid, False, a, env, snapshot)
+        r = trial(d, "learned-gamma", long_run["seed"], e, a.stage2_epochs, a.curve_n_fid, False, a, snapshot)
         curve.append({k: r[k] for k in ("stage1_epochs", "loggamma_x", "active_dims", "fid_one_stage", "fid_two_stage",
                                          "n_fid", "stage2_epochs", "loggamma_z", "mmd_stage1", "mmd_stage2")})
 

@@ -1,0 +1,313 @@
+"""Grading tests for the course's eight exercises (course/README.md). Each test grades one function
+on its own, with seeded inputs, closed forms and properties; none compares with a copy of the
+solution. A failure names the exercise and, where it can tell, the usual mistake behind it.
+
+    pytest -q course/test_exercises.py           # all eight, a few seconds on a laptop CPU
+    pytest -q course/test_exercises.py -k ex3    # one exercise
+
+On the student copy (python course/make_student_copy.py DIR) every test fails with its exercise's
+NotImplementedError until the function is written. test_smoke.py runs these tests too.
+"""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's scripts
+import fid  # noqa: E402
+import sample  # noqa: E402
+import stage1  # noqa: E402
+import stage2  # noqa: E402
+
+
+def check(ok, exercise, why):
+    """Fail with a message that names the exercise and the likely mistake."""
+    assert ok, f"Exercise {exercise}: {why}"
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 1: stage1.gaussian_nll, eq. (8)
+
+def test_ex1_gaussian_nll():
+    g = torch.Generator().manual_seed(1)
+    x, x_hat = torch.rand(6, 1, 5, 5, generator=g), torch.rand(6, 1, 5, 5, generator=g)
+    loggamma = torch.tensor(-0.8)
+    out = stage1.gaussian_nll(x, x_hat, loggamma)
+    check(out.shape == (6,), 1, f"one value per example expected, shape (6,), got {tuple(out.shape)} "
+          "(a mean or sum over the batch belongs in the loss, not here)")
+    # the independent reference: the log-density of a Gaussian with standard deviation exp(loggamma)
+    ref = -torch.distributions.Normal(x_hat, loggamma.exp()).log_prob(x).flatten(1).sum(1)
+    d = 25
+    if not close(out, ref):
+        sq = (x - x_hat).square().flatten(1).sum(1)
+        hints = {"gamma used as a variance where it is a standard deviation (exp(loggamma) vs exp(2 loggamma))":
+                 sq * torch.exp(-loggamma) / 2 + d * (loggamma / 2 + 0.5 * math.log(2 * math.pi)),
+                 "the constant d/2 log(2 pi) dropped": ref - d * 0.5 * math.log(2 * math.pi),
+                 "a mean over pixels where eq. (8) sums them": ref / d}
+        found = [h for h, v in hints.items() if close(out, v)]
+        check(False, 1, f"-log N(x | x_hat, gamma^2 I) is off: {found[0] if found else 'compare with eq. (8)'}")
+    # at x = x_hat only the normaliser remains: d (loggamma + log(2 pi) / 2)
+    check(close(stage1.gaussian_nll(x, x, loggamma), torch.full((6,), d * (-0.8 + 0.5 * math.log(2 * math.pi)))), 1,
+          "with x = x_hat the value must be d * (loggamma + log(2 pi) / 2)")
+    # Theorem 3's mechanism: for a fixed decoder the best gamma^2 is the mean squared error per pixel
+    best = 0.5 * torch.log((x[0] - x_hat[0]).square().mean())
+    lg = best.clone().requires_grad_()
+    stage1.gaussian_nll(x[:1], x_hat[:1], lg).sum().backward()
+    check(lg.grad is not None and abs(lg.grad.item()) < 1e-3, 1,
+          "the loss must be stationary in loggamma at gamma^2 = mean squared pixel error (is loggamma used as log of a standard deviation?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 2: stage1.kl_standard_normal, the KL term of eq. (2); 2 KL = eq. (9)'s left side
+
+def test_ex2_kl_standard_normal():
+    g = torch.Generator().manual_seed(2)
+    mu, log_sigma = torch.randn(7, 4, generator=g), 0.7 * torch.randn(7, 4, generator=g)
+    out = stage1.kl_standard_normal(mu, log_sigma)
+    check(out.shape == (7,), 2, f"one value per example expected, shape (7,), got {tuple(out.shape)}")
+    check(bool((out >= 0).all()), 2, "a KL divergence is never negative: is sigma used where sigma^2 belongs?")
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, log_sigma.exp()),
+                                            torch.distributions.Normal(0.0, 1.0)).sum(1)
+    if not close(out, ref):
+        hints = {"log_sigma read as a log-variance": ((mu ** 2 + log_sigma.exp() - log_sigma - 1) / 2).sum(1),
+                 "a mean over latent dimensions where the KL sums them": ref / 4,
+                 "the factor 1/2 missing": 2 * ref}
+        found = [h for h, v in hints.items() if close(out, v)]
+        check(False, 2, f"KL[N(mu, sigma^2) || N(0, 1)] is off: {found[0] if found else 'compare with eq. (9)'}")
+    check(close(stage1.kl_standard_normal(torch.zeros(3, 5), torch.zeros(3, 5)), torch.zeros(3)), 2,
+          "q(z|x) = N(0, I) is the prior itself: its KL must be 0")
+    # eq. (9): 2 KL = trace(Sigma) + |mu|^2 - log|Sigma| - kappa, Sigma = diag(sigma^2)
+    sigma2 = torch.exp(2 * log_sigma)
+    check(close(2 * out, sigma2.sum(1) + mu.square().sum(1) - sigma2.log().sum(1) - 4), 2, "2 KL must equal eq. (9)'s left side")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 3: stage1.reparameterize
+
+def test_ex3_reparameterize():
+    torch.manual_seed(3)
+    mu = torch.tensor([[1.0, -2.0, 0.5]]).repeat(20000, 1).requires_grad_()
+    sigma = torch.tensor([[0.5, 2.0, 0.1]]).repeat(20000, 1).requires_grad_()
+    z = stage1.reparameterize(mu, sigma)
+    check(z.shape == mu.shape, 3, f"one draw per row expected, shape {tuple(mu.shape)}, got {tuple(z.shape)}")
+    check(close(z.detach().mean(0), [1.0, -2.0, 0.5], atol=0.04, rtol=0), 3, "the draws' mean must be mu")
+    std = z.detach().std(0)
+    check(close(std, [0.5, 2.0, 0.1], rtol=0.03, atol=0), 3,
+          f"the draws' standard deviation must be sigma (got {std.tolist()}; sigma^2 or sqrt(sigma) used?)")
+    check(z.requires_grad, 3, "z carries no gradient: the draw must be mu + sigma * eps, not torch.normal(mu, sigma) "
+          "or a detached sample (the reparameterisation trick)")
+    z.sum().backward()
+    eps = ((z - mu) / sigma).detach()
+    check(mu.grad is not None and close(mu.grad, torch.ones_like(mu)), 3, "dz/dmu must be 1")
+    check(sigma.grad is not None and close(sigma.grad, eps), 3, "dz/dsigma must be the noise eps")
+    z2 = stage1.reparameterize(mu, sigma)
+    check(not torch.equal(z.detach(), z2.detach()), 3, "two calls gave the same draw: use fresh noise every call")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 4: stage1.stage1_loss, eq. (2) with eq. (8)'s decoder
+
+class StubEncoder(nn.Module):
+    """q(z|x) = N(mu, sigma^2) with mu a learnable vector and a fixed sigma, whatever x is."""
+
+    def __init__(self, kappa, sigma):
+        super().__init__()
+        self.mu = nn.Parameter(torch.linspace(-1, 1, kappa))
+        self.sigma = sigma
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append({"training": self.training, "min": x.min().item(), "max": x.max().item()})
+        mu = self.mu.expand(len(x), -1)
+        sigma = torch.full_like(mu, self.sigma)
+        return mu, sigma.log(), sigma
+
+
+class StubDecoder(nn.Module):
+    """x_hat = a fixed image (0.25 everywhere) plus 0 * z, so the loss is known in closed form and
+    the gradient still reaches z; records the z it was given."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.seen, self.differentiable = shape, [], []
+
+    def forward(self, z):
+        self.seen.append(z.detach().clone())
+        self.differentiable.append(z.requires_grad)
+        return torch.full((len(z), *self.shape), 0.25) + 0 * z.sum(1).view(-1, *[1] * len(self.shape))
+
+
+def stub_vae(kappa=3, sigma=0.5, shape=(1, 4, 4), loggamma=-0.3):
+    vae = nn.Module()
+    vae.encoder, vae.decoder = StubEncoder(kappa, sigma), StubDecoder(shape)
+    vae.loggamma_x = nn.Parameter(torch.tensor(loggamma))
+    vae.latent_dim = kappa
+    return vae
+
+
+def test_ex4_stage1_loss():
+    torch.manual_seed(4)
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    vae = stub_vae()
+    out = stage1.stage1_loss(vae, x, "learned-gamma")
+    check(isinstance(out, tuple) and len(out) == 3, 4, "return (loss, rec, kl)")
+    loss, rec, kl = out
+    check(loss.dim() == 0 and rec.dim() == 0 and kl.dim() == 0, 4, "loss, rec and kl must be scalars (means over the batch)")
+    # independent closed forms, per image, then the batch mean
+    rec_i = -torch.distributions.Normal(0.25, math.exp(-0.3)).log_prob(x).flatten(1).sum(1)
+    kl_i = torch.distributions.kl_divergence(torch.distributions.Normal(vae.encoder.mu.detach(), 0.5),
+                                             torch.distributions.Normal(0.0, 1.0)).sum()
+    check(not close(rec, rec_i.sum()), 4, "rec is summed over the batch: eq. (2) averages over the data (mean over the batch)")
+    check(close(rec, rec_i.mean()), 4, "rec must be the batch mean of -log p(x|z), summed over pixels (eq. 8)")
+    check(not close(kl, kl_i * 8), 4, "kl is summed over the batch: average it")
+    check(close(kl, kl_i), 4, "kl must be the batch mean of KL[q(z|x) || N(0, I)], summed over latent dimensions")
+    check(close(loss, rec + kl), 4, "loss must be rec + kl (eq. 2)")
+    z = vae.decoder.seen[-1]
+    check(z.shape == (8, 3) and not torch.allclose(z, vae.encoder.mu.detach().expand(8, -1)), 4,
+          "the decoder got mu_z itself: draw z ~ q(z|x) (mu + sigma eps)")
+    check(vae.decoder.differentiable[-1], 4, "z carries no gradient to the encoder: reparameterise (mu + sigma eps)")
+    loss.backward()
+    check(vae.encoder.mu.grad is not None and vae.encoder.mu.grad.abs().sum() > 0, 4, "no gradient reaches the encoder")
+    check(vae.loggamma_x.grad is not None, 4, "no gradient reaches loggamma_x: the decoder's gamma must be learned")
+    # a large sample of z: mean mu, standard deviation sigma = 0.5
+    big = stub_vae()
+    stage1.stage1_loss(big, torch.rand(20000, 1, 4, 4), "learned-gamma")
+    check(close(big.decoder.seen[-1].std(0), [0.5] * 3, rtol=0.03, atol=0), 4, "z's standard deviation must be sigma_z")
+    # the baselines: fixed gamma = loggamma_x 0 in the same formula; cross-entropy with logs clamped at 1e-8
+    fixed = stub_vae(loggamma=0.0)
+    _, rec_fixed, _ = stage1.stage1_loss(fixed, x, "fixed-gamma")
+    check(close(rec_fixed, (-torch.distributions.Normal(0.25, 1.0).log_prob(x).flatten(1).sum(1)).mean()), 4,
+          "'fixed-gamma' is the same Gaussian term with gamma = 1")
+    _, rec_ce, _ = stage1.stage1_loss(stub_vae(), x, "cross-entropy")
+    ce = -(x * math.log(0.25) + (1 - x) * math.log(0.75)).flatten(1).sum(1).mean()
+    check(close(rec_ce, ce), 4, "'cross-entropy' is the Bernoulli -log p(x|z), summed over pixels, mean over the batch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 5: stage1.encode, between the stages
+
+def test_ex5_encode_with_batchnorm_in_evaluation_mode():
+    torch.manual_seed(5)
+    images = torch.randint(0, 256, (30, 1, 4, 4), dtype=torch.uint8)
+    vae = stub_vae(kappa=3, sigma=0.4)
+    mu_z, sigma_z = stage1.encode(vae, images, batch=7)
+    check(isinstance(mu_z, np.ndarray) and isinstance(sigma_z, np.ndarray), 5, "return two numpy arrays (mu_z, sigma_z)")
+    check(mu_z.shape == sigma_z.shape == (30, 3), 5, f"(n, kappa) = (30, 3) expected, got {mu_z.shape}, {sigma_z.shape}")
+    check(mu_z.dtype == np.float32 and sigma_z.dtype == np.float32, 5, "float32 arrays expected (stage2.py reads them)")
+    check(np.allclose(sigma_z, 0.4), 5, "sigma_z must be the standard deviation (not log sigma, not sigma^2)")
+    check(np.allclose(mu_z, np.linspace(-1, 1, 3)[None].repeat(30, 0), atol=1e-6), 5, "mu_z must be the encoder's mean")
+    calls = vae.encoder.calls
+    check(len(calls) == 5, 5,
+          f"encode in batches of `batch` (30 images in 5 batches of at most 7), got {len(calls)} calls")
+    check(not any(c["training"] for c in calls), 5, "the encoder ran in training mode: call model.eval() first "
+          "(BatchNorm must use its running statistics, so a code does not depend on the rest of its batch)")
+    check(all(0 <= c["min"] and c["max"] <= 1 for c in calls), 5, "pixels must be scaled to [0, 1] (uint8 / 255) as in training")
+    # a real stage-1 encoder with BatchNorm: an image's code must not depend on its batch
+    real = stage1.VAE("infogan", 1, 28, latent_dim=4)
+    with torch.no_grad():
+        for m in real.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    digits = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    together, _ = stage1.encode(real, digits, batch=12)
+    alone, _ = stage1.encode(real, digits[:3], batch=3)
+    check(np.allclose(together[:3], alone, atol=1e-5), 5,
+          "the same image got different codes in different batches: BatchNorm is in training mode")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 6: stage2.fresh_z, a fresh z ~ q(z|x) for every stage-2 batch
+
+def test_ex6_fresh_z_for_every_batch():
+    torch.manual_seed(6)
+    mu_z = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
+    sigma_z = torch.tensor([[0.5, 1.5], [0.01, 1.0]])
+    z = stage2.fresh_z(mu_z, sigma_z)
+    check(z.shape == (2, 2), 6, f"one draw per row expected, shape (2, 2), got {tuple(z.shape)}")
+    check(not torch.equal(z, stage2.fresh_z(mu_z, sigma_z)), 6,
+          "two calls gave the same z: stage 2 would be fitted on one fixed z per image; draw new noise every call")
+    draws = torch.stack([stage2.fresh_z(mu_z, sigma_z) for _ in range(4000)])
+    check(close(draws.mean(0), mu_z, atol=0.06, rtol=0), 6, "the draws' mean must be mu_z")
+    check(close(draws.std(0), sigma_z, rtol=0.05, atol=1e-3), 6,
+          f"the draws' standard deviation must be sigma_z (got {draws.std(0).tolist()}; sigma_z^2 or sqrt used?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 7: sample.generate, two-stage sampling u -> z -> x (Section 4)
+
+class StubStage2(nn.Module):
+    """z_hat(u) = 3 everywhere, gamma_z = 0.5; records the u it was given."""
+
+    def __init__(self, kappa):
+        super().__init__()
+        self.loggamma_z = nn.Parameter(torch.tensor(math.log(0.5)))
+        self.seen = []
+        self.decoder = lambda u: self.seen.append(u.clone()) or torch.full_like(u, 3.0)
+
+
+class ShowZ(nn.Module):
+    """A stage-1 'decoder' that returns z itself as a (B, 1, 1, kappa) image, so x shows z."""
+
+    def forward(self, z):
+        return z.view(len(z), 1, 1, -1)
+
+
+def test_ex7_two_stage_sampling():
+    torch.manual_seed(7)
+    kappa = 4
+    vae1 = nn.Module()
+    vae1.decoder, vae1.latent_dim = ShowZ(), kappa
+    vae2 = StubStage2(kappa)
+    x = sample.generate(vae1, vae2, 5000, 700, "cpu")
+    check(tuple(x.shape) == (5000, 1, 1, kappa), 7, f"n = 5000 images expected, in batches of 700, got {tuple(x.shape)}")
+    z = x.flatten(1)
+    u = torch.cat(vae2.seen)
+    check(u.shape == (5000, kappa) and close(u.mean(), 0.0, atol=0.05) and close(u.std(), 1.0, rtol=0.03), 7,
+          "stage 2's decoder must get u ~ N(0, I)")
+    check(close(z.mean(), 3.0, atol=0.03), 7, "z must be centred on z_hat(u)")
+    check(not close(z.std(), 0.0, atol=1e-3), 7, "z = z_hat(u) exactly: the sampling rule adds gamma_z * eps")
+    check(close(z.std(), 0.5, rtol=0.03), 7, f"z's noise must have standard deviation gamma_z = exp(loggamma_z) = 0.5, "
+          f"got {z.std().item():.3f} (gamma_z^2 = 0.25? exp(loggamma_z / 2) = 0.71?)")
+    vae2.seen.clear()
+    plain = sample.generate(vae1, vae2, 10, 4, "cpu", z_noise=False)
+    check(torch.equal(plain, torch.full_like(plain, 3.0)), 7, "z_noise=False must give z = z_hat(u), no noise")
+    one = sample.generate(vae1, None, 4000, 1000, "cpu").flatten(1)
+    check(close(one.mean(), 0.0, atol=0.04) and close(one.std(), 1.0, rtol=0.03), 7, "vae2 None: one-stage sampling, z ~ N(0, I)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 8: fid.frechet_distance (Heusel et al. 2017), the FID of Section 5
+
+def test_ex8_frechet_distance():
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(6, 6))
+    s = a @ a.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    d = fid.frechet_distance(mu1, s, mu1, s)
+    check(abs(d) < 1e-6 * np.trace(s), 8, f"the distance of a Gaussian to itself must be 0, got {d}")
+    check(np.isclose(fid.frechet_distance(mu1, s, mu2, s), np.sum((mu1 - mu2) ** 2), rtol=1e-6), 8,
+          "with equal covariances the distance is |mu1 - mu2|^2 (a squared norm, not the norm)")
+    # diagonal covariances: tr sqrt(S1 S2) = sum sqrt(a_i b_i), so FID = |dmu|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
+    va, vb = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(va) - np.sqrt(vb)) ** 2)
+    got = fid.frechet_distance(mu1, np.diag(va), mu2, np.diag(vb))
+    check(np.isclose(got, expected, rtol=1e-6), 8, f"diagonal covariances: expected {expected:.6f}, got {got:.6f} "
+          "(the matrix square root of S1 S2, and the factor 2 in front of its trace?)")
+    # 2 x 2 covariances that do not commute: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2
+    for _ in range(5):
+        b1, b2 = rng.normal(size=(2, 2)), rng.normal(size=(2, 2))
+        s1, s2 = b1 @ b1.T + 0.05 * np.eye(2), b2 @ b2.T + 0.05 * np.eye(2)
+        m = s1 @ s2
+        expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+        got = fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
+        check(np.isclose(got, expected, rtol=1e-6, atol=1e-9), 8, f"non-commuting 2x2 covariances: expected {expected:.6f}, got {got:.6f}")
+        check(np.isclose(fid.frechet_distance(np.zeros(2), s2, np.zeros(2), s1), got, rtol=1e-6), 8, "the distance must be symmetric")
+    check(isinstance(got, float), 8, "return a Python float")
