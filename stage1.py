@@ -1,11 +1,14 @@
 """Stage 1 of the Two-Stage VAE (Dai & Wipf, "Diagnosing and Enhancing VAE Models", ICLR 2019).
 
-A kappa-simple VAE whose Gaussian decoder learns its own variance gamma (Sections 2-3). At the
-optimum gamma -> 0 (Theorem 3), and the encoder variances split into ~0 for the r dimensions the
-decoder uses and ~1 for the rest (Theorem 4), so the aggregate posterior q(z) is NOT N(0, I) and
-sampling z ~ N(0, I) gives poor images. Stage 2 (stage2.py) fixes that.
+A kappa-simple VAE (latent size kappa = 64) whose Gaussian decoder learns its own variance gamma
+(Definition 1, Sections 2-3). At the optimum gamma -> 0 (Theorem 3): the VAE reconstructs the data
+manifold of dimension r (d = pixels > r), and the encoder variances go to ~0 for the r latent
+dimensions the decoder uses and ~1 for the rest (Section 3 after eq. (9), Figure 1b). But the
+measure on the manifold need not be learned, so the aggregate posterior q(z) need not be N(0, I)
+(eq. (10), read as "not approximately equal") and sampling z ~ N(0, I) gives poor images. Stage 2
+(stage2.py) fixes that.
 
-    python stage1.py --data mnist --epochs 10  # CPU-sized (its time: README, "Quick start")
+    python stage1.py --data mnist --epochs 10  # CPU-sized (its time: README.md, "Quick start")
     python stage1.py --data mnist              # the paper's protocol: 400 epochs, batch 64, Adam 1e-4
     python stage1.py --data mnist --resume     # continue a killed run from runs/mnist/stage1.pt
 
@@ -15,12 +18,12 @@ stage1.pt (the checkpoint, rewritten atomically after every epoch), mu_z.npy and
 checkpoint they come from, loggamma_x, used dimensions) and stage1_recon.png (data above,
 reconstructions below).
 
-Reading order: data, model, loss (eqs. 2, 8, 9), the training loop, encoding for stage 2, main.
+Reading order: data, model, loss (eq. (2), eq. (8), eq. (9)), the training loop, encoding for stage 2, main.
 Everything the paper does not describe (checkpoints, RNG, atomic writes, flags) is at the end.
 The protocol's details, with the paper's and the authors' code's sources: docs/protocol.md.
 
 Notation: our gamma_x = exp(loggamma_x) is a STANDARD DEVIATION, as in the authors' code; the
-paper's gamma (a variance, eqs. 8-9) is gamma_x ** 2.
+paper's gamma (a variance: Definition 1's Sigma_x = gamma I) is gamma_x ** 2.
 """
 import argparse
 import ctypes
@@ -154,7 +157,7 @@ class InfoganEncoder(nn.Module):
             sn(nn.Linear(1024, 2 * latent_dim)),                                       # (B, 2 kappa)
         )
 
-    def forward(self, x):
+    def forward(self, x):  # (mu_z, log sigma_z, sigma_z): the log for the KL, sigma for the draw
         mu_z, s = self.net(x).chunk(2, dim=1)
         sigma_z = 1e-6 + F.softplus(s)  # the authors': keeps sigma_z > 0 without an exp that overflows
         return mu_z, sigma_z.log(), sigma_z
@@ -168,7 +171,7 @@ class InfoganDecoder(nn.Module):
         s4 = size // 4
         self.net = nn.Sequential(
             init(nn.Linear(latent_dim, 1024)), bn(1024, dims=1), nn.ReLU(),            # (B, 1024)
-            init(nn.Linear(1024, 128 * s4 * s4)), bn(128 * s4 * s4, dims=1), nn.ReLU(),
+            init(nn.Linear(1024, 128 * s4 * s4)), bn(128 * s4 * s4, dims=1), nn.ReLU(),  # (B, 128 S/4 S/4)
             nn.Unflatten(1, (128, s4, s4)),                                            # (B, 128, S/4, S/4)
             init(nn.ConvTranspose2d(128, 64, 4, 2, 1)), bn(64), nn.ReLU(),             # (B, 64, S/2, S/2)
             init(nn.ConvTranspose2d(64, channels, 4, 2, 1)), nn.Sigmoid(),             # (B, C, S, S)
@@ -247,7 +250,7 @@ def build_model(config):
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-# Exercise 1: the Gaussian decoder's -log p(x|z) with a learned gamma, eq. (8)
+# Exercise 1: the Gaussian decoder's -log p(x|z) with a learned gamma (Definition 1; eq. (8)'s data term)
 def gaussian_nll(x, x_hat, loggamma):
     """-log N(x | x_hat, gamma^2 I) for each example of a batch, gamma = exp(loggamma) a STANDARD
     DEVIATION: |x - x_hat|^2 / (2 gamma^2) + d (loggamma + log(2 pi) / 2), d the pixels per example.
@@ -269,7 +272,7 @@ def bernoulli_nll(x, x_hat):
 def kl_standard_normal(mu, log_sigma):
     """KL[N(mu, diag sigma^2) || N(0, I)] for each example: sum over dimensions of
     (mu^2 + sigma^2 - 2 log sigma - 1) / 2; twice it is eq. (9)'s trace[Sigma_z] + |mu_z|^2 -
-    log|Sigma_z| - kappa. Written with log sigma, as the authors do; a log-variance
+    log|Sigma_z|, minus the constant kappa that eq. (9) drops. Written with log sigma, as the authors do; a log-variance
     parameterisation gives the same number. Shapes: (B, kappa) -> (B,)."""
     return ((mu.square() + torch.exp(2 * log_sigma) - 2 * log_sigma - 1) / 2).sum(1)
 
@@ -281,7 +284,7 @@ def reparameterize(mu, sigma):
     return mu + sigma * torch.randn_like(mu)
 
 
-# Exercise 4: the stage-1 loss, eq. (2) with eq. (8)'s decoder, averaged over a batch
+# Exercise 4: the stage-1 loss, eq. (2) with the Gaussian decoder of eq. (8), averaged over a batch
 def stage1_loss(model, x, loss="learned-gamma"):
     """(loss, rec, kl) for a float batch x in [0, 1], each a batch MEAN of per-image sums (rec over
     pixels, kl over latent dimensions); one z ~ q(z|x) per image. loss: 'learned-gamma' or
@@ -437,7 +440,8 @@ def main(argv=None):
     save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
     save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
     save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
-    # Theorem 4: an encoder variance near 0 marks a dimension the decoder uses, near 1 one it ignores
+    # Section 3 after eq. (9), Figure 1b: an encoder variance near 0 marks a dimension the decoder
+    # uses, near 1 one it ignores; the 0.5 cut-off between them is ours
     summary = {"run_id": cfg["run_id"], "epoch": ckpt["epoch"],
                "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
                "active_dims": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}

@@ -1,9 +1,10 @@
 """Stage 2 of the Two-Stage VAE (Dai & Wipf 2019, Section 4): a second VAE fitted to stage 1's
-latents. Stage 1's aggregate posterior q(z) is not N(0, I) (eq. 10: with r < d the decoder does not
-learn the ground-truth measure, so q(z) need not match the prior), but it lives on all of R^kappa
-with r = d = kappa, the regime of Theorem 1 where a VAE CAN match the distribution. So a small VAE with latent u learns q(z), and sampling goes u -> z -> x (sample.py).
+latents. Stage 1's aggregate posterior q(z) need not be N(0, I) (eq. (10): with r < d the VAE need
+not learn the ground-truth measure on the manifold), but it lives on all of R^kappa, r = d = kappa,
+the regime of Theorem 1 where a VAE CAN match the distribution. So a small VAE with latent u learns
+q(z), and sampling goes u -> z -> x (sample.py).
 
-    python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README, "Quick start")
+    python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README.md, "Quick start")
     python stage2.py --data mnist              # the paper's protocol: 800 epochs, batch 64, Adam 1e-4
 
 Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py) and writes runs/<data>/stage2.pt and
@@ -36,7 +37,8 @@ class MLP(nn.Module):
             layers += [nn.Linear(d, width), nn.ReLU()]  # (B, width)
             d = width
         self.hidden = nn.Sequential(*layers)
-        self.out = nn.Linear(dim + width, outputs * dim)  # on concat[input, h]: (B, dim + width)
+        # on concat[input, h]: (B, dim + width) -> (B, outputs * dim); u and z both have kappa dimensions
+        self.out = nn.Linear(dim + width, outputs * dim)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -53,8 +55,9 @@ class Stage2VAE(nn.Module):
         super().__init__()
         self.encoder = MLP(latent_dim, width, depth, outputs=2)  # -> mu_u, log sigma_u
         self.decoder = MLP(latent_dim, width, depth, outputs=1)  # -> z_hat (linear output)
-        # a standard deviation like stage 1's loggamma_x, init 0. Here d = r = kappa, so there is no
-        # (d - r) log gamma term pushing it to -infinity (Section 4): it settles at a finite value.
+        # a standard deviation like stage 1's loggamma_x, init 0. Here d = r = kappa, so the
+        # (d - r) log gamma term that drives stage 1's gamma to 0 is absent (Section 4) and the cost
+        # is bounded below; a finite gamma_z is what we measure, not a result of the paper.
         self.loggamma_z = nn.Parameter(torch.zeros(()))
 
     def encode(self, z):
@@ -66,16 +69,16 @@ def build_model(config):
     return Stage2VAE(config["latent_dim"], config["width"], config["depth"])
 
 
-# Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (Section 4)
+# Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (the authors' demo.py; docs/protocol.md, "Between the stages")
 def fresh_z(mu_z, sigma_z):
-    """One new draw z = mu_z + sigma_z * eps for each row of a batch of stage 1's latents (n, kappa),
+    """One new draw z = mu_z + sigma_z * eps for each row of a batch of stage 1's latents (B, kappa),
     sigma_z a standard deviation. Called for every batch, so stage 2 sees q(z) = integral of
     q(z|x) over the data, not one fixed z per image."""
     return mu_z + sigma_z * torch.randn_like(mu_z)
 
 
 def stage2_loss(model, z):
-    """The same negative ELBO as stage 1 (eq. 2), with z in place of x and u in place of z:
+    """The same negative ELBO as stage 1 (eq. (2)), with z in place of x and u in place of z:
     (loss, rec, kl), batch means of per-example sums."""
     mu_u, log_sigma_u = model.encode(z)
     u = reparameterize(mu_u, log_sigma_u.exp())

@@ -47,12 +47,15 @@ def test_ex1_gaussian_nll():
     d = 25
     if not close(out, ref):
         sq = (x - x_hat).square().flatten(1).sum(1)
-        hints = {"gamma used as a variance where it is a standard deviation (exp(loggamma) vs exp(2 loggamma))":
-                 sq * torch.exp(-loggamma) / 2 + d * (loggamma / 2 + 0.5 * math.log(2 * math.pi)),
+        norm = d * (loggamma + 0.5 * math.log(2 * math.pi))
+        variance = "gamma used as a variance where it is a standard deviation (exp(loggamma) vs exp(2 loggamma))"
+        hints = {variance: sq * torch.exp(-loggamma) / 2 + norm,
+                 variance + " ": sq * torch.exp(-loggamma) / 2 + d * (loggamma / 2 + 0.5 * math.log(2 * math.pi)),
                  "the constant d/2 log(2 pi) dropped": ref - d * 0.5 * math.log(2 * math.pi),
-                 "a mean over pixels where eq. (8) sums them": ref / d}
+                 "a mean over pixels where eq. (8) sums them": ref / d,
+                 "a mean over pixels in |x - x_hat|^2 where eq. (8) sums them": sq / d * torch.exp(-2 * loggamma) / 2 + norm}
         found = [h for h, v in hints.items() if close(out, v)]
-        check(False, 1, f"-log N(x | x_hat, gamma^2 I) is off: {found[0] if found else 'compare with eq. (8)'}")
+        check(False, 1, f"-log N(x | x_hat, gamma^2 I) is off: {found[0].strip() if found else 'compare with eq. (8)'}")
     # at x = x_hat only the normaliser remains: d (loggamma + log(2 pi) / 2)
     check(close(stage1.gaussian_nll(x, x, loggamma), torch.full((6,), d * (-0.8 + 0.5 * math.log(2 * math.pi)))), 1,
           "with x = x_hat the value must be d * (loggamma + log(2 pi) / 2)")
@@ -78,7 +81,9 @@ def test_ex2_kl_standard_normal():
     if not close(out, ref):
         hints = {"log_sigma read as a log-variance": ((mu ** 2 + log_sigma.exp() - log_sigma - 1) / 2).sum(1),
                  "a mean over latent dimensions where the KL sums them": ref / 4,
-                 "the factor 1/2 missing": 2 * ref}
+                 "the factor 1/2 missing": 2 * ref,
+                 "the -1 per dimension (the constant -kappa) dropped": ref + 4 / 2,
+                 "sigma where sigma^2 belongs": ((mu ** 2 + log_sigma.exp() - 2 * log_sigma - 1) / 2).sum(1)}
         found = [h for h, v in hints.items() if close(out, v)]
         check(False, 2, f"KL[N(mu, sigma^2) || N(0, 1)] is off: {found[0] if found else 'compare with eq. (9)'}")
     check(close(stage1.kl_standard_normal(torch.zeros(3, 5), torch.zeros(3, 5)), torch.zeros(3)), 2,
@@ -97,10 +102,11 @@ def test_ex3_reparameterize():
     sigma = torch.tensor([[0.5, 2.0, 0.1]]).repeat(20000, 1).requires_grad_()
     z = stage1.reparameterize(mu, sigma)
     check(z.shape == mu.shape, 3, f"one draw per row expected, shape {tuple(mu.shape)}, got {tuple(z.shape)}")
-    check(close(z.detach().mean(0), [1.0, -2.0, 0.5], atol=0.04, rtol=0), 3, "the draws' mean must be mu")
     std = z.detach().std(0)
+    check(not close(std, 0.0, atol=1e-6), 3, "the draws have no noise: z = mu + sigma * eps, eps ~ N(0, I)")
     check(close(std, [0.5, 2.0, 0.1], rtol=0.03, atol=0), 3,
           f"the draws' standard deviation must be sigma (got {std.tolist()}; sigma^2 or sqrt(sigma) used?)")
+    check(close(z.detach().mean(0), [1.0, -2.0, 0.5], atol=0.04, rtol=0), 3, "the draws' mean must be mu")
     check(z.requires_grad, 3, "z carries no gradient: the draw must be mu + sigma * eps, not torch.normal(mu, sigma) "
           "or a detached sample (the reparameterisation trick)")
     z.sum().backward()
@@ -152,7 +158,13 @@ def stub_vae(kappa=3, sigma=0.5, shape=(1, 4, 4), loggamma=-0.3):
     return vae
 
 
-def test_ex4_stage1_loss():
+def test_ex4_stage1_loss(monkeypatch):
+    # graded on its own: exercises 1-3, which this loss may call, are replaced by independent versions
+    monkeypatch.setattr(stage1, "gaussian_nll", lambda x, x_hat, loggamma: -torch.distributions.Normal(
+        x_hat, loggamma.exp()).log_prob(x).flatten(1).sum(1))
+    monkeypatch.setattr(stage1, "kl_standard_normal", lambda mu, log_sigma: torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, log_sigma.exp()), torch.distributions.Normal(0.0, 1.0)).sum(1))
+    monkeypatch.setattr(stage1, "reparameterize", lambda mu, sigma: mu + sigma * torch.randn_like(mu))
     torch.manual_seed(4)
     x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(4))
     vae = stub_vae()
@@ -292,7 +304,8 @@ def test_ex8_frechet_distance():
     s = a @ a.T + 0.1 * np.eye(6)
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     d = fid.frechet_distance(mu1, s, mu1, s)
-    check(abs(d) < 1e-6 * np.trace(s), 8, f"the distance of a Gaussian to itself must be 0, got {d}")
+    check(abs(d) < 1e-6 * np.trace(s), 8, f"the distance of a Gaussian to itself must be 0, got {d} "
+          "(tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)): the matrix square root, the factor 2, and S2 in the product?)")
     check(np.isclose(fid.frechet_distance(mu1, s, mu2, s), np.sum((mu1 - mu2) ** 2), rtol=1e-6), 8,
           "with equal covariances the distance is |mu1 - mu2|^2 (a squared norm, not the norm)")
     # diagonal covariances: tr sqrt(S1 S2) = sum sqrt(a_i b_i), so FID = |dmu|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
