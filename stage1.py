@@ -346,9 +346,11 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
             opt.step()
             totals += torch.stack([loss.detach(), rec.detach(), kl.detach()])
             now = time.time()  # wall time only: no sync, so on a GPU this runs ahead by its queue
-            if now - last_print >= (progress_every if forecast_said else forecast_after) and i + 1 < steps:
+            if i == 0:
+                t1 = now  # the first step is slow (allocations, kernel choices): rates count from its end
+            if now - last_print >= (progress_every if forecast_said else forecast_after) and 0 < i < steps - 1:
                 last_print = now
-                rate = (i + 1) / max(now - t0, 1e-9)  # steps per second in this epoch
+                rate = i / max(now - t1, 1e-9)  # steps per second in this epoch, after its first step
                 run_left = (steps - i - 1 + (cfg["epochs"] - epoch - 1) * steps) / rate
                 if not forecast_said:
                     forecast_said = True

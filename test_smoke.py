@@ -244,9 +244,10 @@ def test_fit_shows_progress_and_the_runs_length(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"speed: \d+ img/s, so an epoch takes about \d+m\d\ds and these 2 epochs about \d+m\d\ds on cpu", lines[0])
     progress = [l for l in lines if l.startswith("  epoch")]
-    # 5 steps an epoch: a line after steps 2-4 of epoch 2 (step 1 said the forecast) and 1-4 of epoch 3
+    # 5 steps an epoch, rates timed from the end of its first step: the forecast after step 2 of
+    # epoch 2, then a line after steps 3-4 of epoch 2 and 2-4 of epoch 3
     assert [l.split("|")[:2] for l in progress] == [[f"  epoch {e}/3 ", f" step {s}/5 "] for e, s in
-                                                     [(2, 2), (2, 3), (2, 4), (3, 1), (3, 2), (3, 3), (3, 4)]]
+                                                     [(2, 3), (2, 4), (3, 2), (3, 3), (3, 4)]]
     assert all(re.search(r"\| \d+ img/s \| epoch ETA \d+m\d\ds \| run ETA \d+m\d\ds$", l) for l in progress)
     assert [l.split(" |")[0] for l in lines if l.startswith("epoch")] == ["epoch 2/3", "epoch 3/3"]
 
@@ -554,6 +555,46 @@ def test_stage2_refuses_bad_latents(tiny, tmp_path):
     (run_dir / "latents.json").write_text(json.dumps({"run_id": "x", "epoch": 7}))
     message = refused(stage2.main, ["--out", run_dir, "--epochs", 1])
     assert "latents come from" in message and "--resume" in message
+
+
+def test_student_copy_blanks_exactly_the_eight_exercises(tmp_path):
+    """course/make_student_copy.py: each marked function keeps its signature and docstring and its
+    body becomes one raise NotImplementedError("Exercise N: ..."); every other line of every file
+    is the repository's."""
+    import ast
+    student = tmp_path / "student"
+    found = load_script(HERE / "course" / "make_student_copy.py").main([str(student)])
+    assert sorted(n for n, _, _ in found) == list(range(1, 9))
+    tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
+    if tracked:  # a git checkout: the copy holds exactly the tracked files
+        assert sorted(str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()) == sorted(tracked)
+    marked = {rel for _, _, rel in found}
+    assert marked == {"stage1.py", "stage2.py", "sample.py", "fid.py"}
+    for path in student.rglob("*"):
+        rel = str(path.relative_to(student))
+        if path.is_file() and rel not in marked:
+            assert path.read_bytes() == (HERE / rel).read_bytes(), rel
+    for rel in marked:
+        text = (HERE / rel).read_text()
+        lines, titles = text.splitlines(), {(n, t) for n, t, r in found if r == rel}
+
+        def mark(node):  # the '# Exercise N: title' line right above a function (or its decorators), if any
+            if isinstance(node, ast.FunctionDef):
+                m = re.match(r"# Exercise (\d+): (.+)$", lines[min([node.lineno] + [d.lineno for d in node.decorator_list]) - 2])
+                return m and (int(m.group(1)), m.group(2))
+        ours, theirs = ast.parse(text), ast.parse((student / rel).read_text())
+        assert len(ours.body) == len(theirs.body)
+        for a, b in zip(ours.body, theirs.body):
+            if not mark(a):  # not an exercise: the same code
+                assert ast.dump(a) == ast.dump(b), (rel, getattr(a, "name", a))
+                continue
+            n, title = mark(a)
+            titles.remove((n, title))
+            assert (a.name, ast.dump(a.args), ast.get_docstring(a)) == (b.name, ast.dump(b.args), ast.get_docstring(b))
+            assert [ast.dump(d) for d in a.decorator_list] == [ast.dump(d) for d in b.decorator_list]
+            assert len(b.body) == 2 and isinstance(b.body[1], ast.Raise) and b.body[1].exc.func.id == "NotImplementedError"
+            assert b.body[1].exc.args[0].value == f"Exercise {n}: {title}".replace('"', "'"), (rel, a.name)
+        assert not titles  # every exercise the tool reported was found above its function
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
