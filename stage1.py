@@ -355,8 +355,9 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
                 if not forecast_said:
                     forecast_said = True
                     total = (cfg["epochs"] - start) * steps / rate
+                    left = cfg["epochs"] - start
                     print(f"speed: {rate * batch:.0f} img/s, so an epoch takes about {fmt_time(steps / rate)} and "
-                          f"these {cfg['epochs'] - start} epochs about {fmt_time(total)} on {device.type}"
+                          f"{'these ' + str(left) + ' epochs' if left > 1 else 'the run'} about {fmt_time(total)} on {device.type}"
                           + ("; for a shorter run pass --epochs N" if total > 3600 else ""), flush=True)
                 else:
                     print(f"  epoch {epoch + 1}/{cfg['epochs']} | step {i + 1}/{steps} | {rate * batch:.0f} img/s | "
