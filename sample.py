@@ -35,7 +35,8 @@ def load_model(path, build, device, what):
 def generate(vae1, vae2, n, batch, device, z_noise=True):
     """n images (n, C, H, W) in [0, 1], batch by batch: u ~ N(0, I), z ~ p(z|u) = N(z_hat(u),
     gamma_z^2 I) with gamma_z = exp(vae2.loggamma_z) a standard deviation, x = x_hat(z), the decoder
-    mean (the paper writes x ~ p(x|z); the authors take the mean: docs/protocol.md, "Sampling"). vae2 None means one-stage sampling, z ~ N(0, I). z_noise False drops the gamma_z eps term
+    mean (the paper writes x ~ p(x|z); the authors take the mean: docs/protocol.md, "Sampling").
+    vae2 None means one-stage sampling, z ~ N(0, I). z_noise False drops the gamma_z eps term
     (z = z_hat(u), the same u): a diagnostic, not the authors' rule."""
     kappa = vae1.latent_dim
     out = []
