@@ -83,7 +83,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if rel.endswith(".py") and not rel.startswith("course" + os.sep):
             text = open(src, encoding="utf-8").read()
-            if re.search(r"^\s*# Exercise \d+:", text, re.M):
+            if any(MARK.match(line) for line in text.splitlines()):
                 text, found = blank_exercises(text)
                 exercises += [(n, t, rel) for n, t in found]
             with open(out, "w", encoding="utf-8") as f:
