@@ -92,7 +92,7 @@ def glorot(layer):
 
 
 def bn(features, dims=2):
-    # TF moving-average decay 0.999 == PyTorch momentum 0.001; eps 1e-5 (authors' util.batch_norm).
+    # TF moving-average decay 0.999 == PyTorch momentum 0.001 (--bn-momentum); eps 1e-5 (authors' util.batch_norm).
     # Two small departures: TF's assign_moving_average zero-debiases the averages (ours keep a weight
     # 0.999^steps on the initial 0 / 1: 0.39 after one MNIST epoch, < 0.01 after five) and TF's
     # moving variance is the biased batch variance (PyTorch's: unbiased, x 64/63 at batch 64).
@@ -240,7 +240,11 @@ class VAE(nn.Module):
 
 def build_model(config):
     channels, size = SHAPES[config["data"]]
-    return VAE(config["arch"], channels, size, config["latent_dim"], config["loss"])
+    model = VAE(config["arch"], channels, size, config["latent_dim"], config["loss"])
+    for layer in model.modules():  # --bn-momentum; runs saved before the flag existed have the authors' 0.001
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.momentum = config.get("bn_momentum", STAGE1_DEFAULTS["bn_momentum"])
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +459,7 @@ def main(argv=None):
 
 # The paper's protocol as defaults (docs/protocol.md): flags that define a run, fixed at its start.
 STAGE1_DEFAULTS = {"epochs": 400, "lr": 1e-4, "lr_epochs": 150, "batch_size": 64, "seed": 0,
-                   "arch": "infogan", "loss": "learned-gamma", "latent_dim": 64, "limit": 0}
+                   "arch": "infogan", "loss": "learned-gamma", "latent_dim": 64, "limit": 0, "bn_momentum": 0.001}
 
 
 def parse_args(argv=None):
@@ -470,6 +474,10 @@ def parse_args(argv=None):
                    help="decoder likelihood: Table 1's rows 'VAE learned gamma', 'fixed gamma', 'cross-entropy' (default: learned-gamma)")
     p.add_argument("--latent-dim", type=int, help="kappa, the latent size (default: 64, the paper's for every data set)")
     p.add_argument("--limit", type=int, help="train on the first N training images only (default: 0, all)")
+    p.add_argument("--bn-momentum", type=float,
+                   help="BatchNorm's running averages, used to encode and to sample, forget with a time constant of "
+                        "1/momentum steps; a short run at a high --lr needs a shorter memory, e.g. 0.01 (course/README.md) "
+                        "(default: 0.001, the authors' TF decay 0.999)")
     return p.parse_args(argv)
 
 

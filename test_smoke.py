@@ -214,6 +214,21 @@ def test_model_shapes(data):
         stage1.VAE("wae", 1, 28)
 
 
+def test_bn_momentum_sets_every_batchnorm_and_old_runs_keep_the_authors():
+    config = {"data": "mnist", "arch": "infogan", "latent_dim": 8, "loss": "learned-gamma"}  # saved before the flag
+    for given, expected in ((None, 0.001), (0.01, 0.01)):
+        model = stage1.build_model(config if given is None else {**config, "bn_momentum": given})
+        momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert len(momenta) == 5 and set(momenta) == {expected}  # 2 in the encoder, 3 in the decoder
+    # one training step moves the running mean from 0 by momentum x the batch mean
+    model = stage1.build_model({**config, "bn_momentum": 0.01})
+    z = torch.randn(64, 8) + 3
+    with torch.no_grad():
+        batch_mean = model.decoder.net[0](z).mean(0)
+        model.decoder(z)
+    torch.testing.assert_close(model.decoder.net[1].running_mean, 0.01 * batch_mean)
+
+
 def test_diverging_training_stops_and_keeps_last_good_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 2)
     model.loggamma_x = torch.nn.Parameter(torch.zeros(()))
@@ -509,6 +524,47 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     (out / "fixed-gamma" / "seed0" / "stage1.pt").write_text("not a checkpoint")
     message = refused(table1.main, args)
     assert "stage1.py" in message and str(out / "fixed-gamma" / "seed0" / "log.txt") in message
+
+
+def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypatch):
+    """course/experiments.py end to end at a toy budget: every experiment answers for its seed with
+    the runs it says it makes, draws its plots, and a second call runs no script."""
+    monkeypatch.setenv("TWOSTAGE_INCEPTION", str(need(FID_WEIGHTS)))
+    from course import experiments
+    out = tmp_path / "course"
+    args = [str(a) for a in ["--seeds", 3, "--limit", 128, "--epochs", 2, "--budget-epochs", "1,2", "--kappas", "4,64",
+                             "--stage2-epochs", 1, "--n-fid", 4, "--n-ref", 4, "--out", out, "--json", tmp_path / "e.json",
+                             "--plots", tmp_path, "--data-root", data_root]]
+    experiments.main(args)
+    answers = json.loads((tmp_path / "e.json").read_text())
+    gamma, kappa, budget = answers["gamma"]["3"], answers["kappa"]["3"], answers["budget"]["3"]
+    learned, fixed = gamma["learned-gamma"], gamma["fixed-gamma"]
+    assert len(learned["loggamma_x"]) == 2 and learned["loggamma_x"][1] < learned["loggamma_x"][0] < 0
+    assert fixed["loggamma_x"] == [0.0, 0.0] and set(learned["mse"]) == set(fixed["mse"]) == {"1", "2"}
+    assert all(0 < m < 1 for m in [*learned["mse"].values(), *fixed["mse"].values()])
+    assert all(math.isclose(learned["log_sqrt_mse"][e], 0.5 * math.log(learned["mse"][e])) for e in ("1", "2"))
+    assert set(kappa) == {"4", "64"} and 0 <= kappa["4"] <= 4 and kappa["64"] == learned["active_dims"]
+    assert set(budget) == {"1", "2"} and budget["1"]["loggamma_x"] == learned["loggamma_x"][0]
+    assert budget["2"]["fid_two_stage"] == answers["z-noise"]["3"]["with_noise"] == answers["fixed-z"]["3"]["fresh"]["fid_two_stage"]
+    fids = [answers["z-noise"]["3"]["without_noise"], answers["fixed-z"]["3"]["fixed"]["fid_two_stage"]]
+    fids += [v for point in budget.values() for k, v in point.items() if k.startswith("fid")]
+    assert all(np.isfinite(f) and f > 0 for f in fids) and len(set(fids)) == len(fids)  # six different sample sets
+    fixed_run = torch.load(out / "learned-gamma-kappa64-fixed-z" / "seed3" / "stage2.pt", weights_only=False)
+    assert fixed_run["config"]["fixed_z"] is True
+    assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("gamma", "kappa", "budget"))
+    # BatchNorm's momentum changes only its running averages: training mode is the same model
+    bn = answers["batchnorm"]["3"]
+    assert set(bn) == {"0.001", "0.01"} and bn["0.01"]["2"]["eval"] == learned["mse"]["2"]
+    assert all(bn["0.001"][e]["train"] == bn["0.01"][e]["train"] and bn["0.001"][e]["eval"] != bn["0.01"][e]["eval"]
+               for e in ("1", "2"))
+    logs = {p: p.read_text() for p in out.rglob("log.txt")}
+    assert len(logs) == 6  # kappa 64: learned gamma, its epoch-1 snapshot, fixed gamma, fixed z, momentum 0.001; kappa 4
+    experiments.main(args)
+    assert {p: p.read_text() for p in out.rglob("log.txt")} == logs  # nothing re-ran
+    # other settings in the same --out are refused, not mixed with these runs
+    other = list(args)
+    other[other.index("--stage2-epochs") + 1] = "2"
+    assert "settings" in refused(experiments.main, other)
 
 
 def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
-from stage1 import HelpWithDefaults, die, load_checkpoint, save_atomic, versions  # noqa: E402
+from stage1 import STAGE1_DEFAULTS, HelpWithDefaults, die, load_checkpoint, save_atomic, versions  # noqa: E402
 
 PAPER = {"two_stage": 12.6, "vae_learned_gamma": 54.5, "vae_fixed_gamma": 52.0, "vae_cross_entropy": 16.6}
 PAPER_STD = {"two_stage": 1.5, "vae_learned_gamma": 1.0, "vae_fixed_gamma": 0.6, "vae_cross_entropy": 0.4}
@@ -142,8 +142,8 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None):
 def same_run(config, loss, seed, a):
     """Would stage1.py with this trial's flags train the run with this config (up to its length)?"""
     ours = {"data": a.data, "loss": loss, "seed": seed, "limit": a.limit, "arch": "infogan", "latent_dim": 64,
-            "lr": 1e-4, "lr_epochs": 150, "batch_size": 64}
-    return all(config.get(k) == v for k, v in ours.items())
+            "lr": 1e-4, "lr_epochs": 150, "batch_size": 64, "bn_momentum": 0.001}
+    return all(config.get(k, STAGE1_DEFAULTS.get(k)) == v for k, v in ours.items())  # runs older than a flag: its default
 
 
 def mean_std(values):
