@@ -41,9 +41,7 @@ wall seconds each call spent (runs made by an earlier experiment are not counted
 gamma, kappa and budget draw course/<name>.png.
 """
 import argparse
-import contextlib
 import functools
-import importlib
 import json
 import os
 import shutil
@@ -54,8 +52,9 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "results")]
 import stage1  # noqa: E402
+from table1 import machine, read_json as read, run as run_script  # noqa: E402  (the Table 1 driver's helpers)
 
 EXPERIMENTS = ("gamma", "kappa", "budget", "z-noise", "fixed-z", "batchnorm")
 
@@ -296,19 +295,10 @@ def run(a, script, d, args):
     """script's main() in this process with --out d (fid.py: no --out), its output and wall time
     appended to d/log.txt."""
     os.makedirs(d, exist_ok=True)
-    module = importlib.import_module(script[:-3])
-    args = [str(x) for x in (args + (["--out", d] if script != "fid.py" else []))]
     log = os.path.join(d, "log.txt")
-    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        print(f"$ python {script} {' '.join(args)}", flush=True)
-        t0 = time.time()
-        try:
-            module.main(args)
-        except SystemExit as e:
-            if e.code:
-                print(e.code, flush=True)
-                stage1.die(f"`{script} {' '.join(args)}` failed; see the end of {log}")
-        print(f"# {script}: {time.time() - t0:.0f} s", flush=True)
+    seconds = run_script(script, args + (["--out", d] if script != "fid.py" else []), log)
+    with open(log, "a") as f:
+        print(f"# {script}: {seconds:.0f} s", file=f)
 
 
 @functools.lru_cache(maxsize=1)
@@ -327,16 +317,6 @@ def copy(src, dst):
 def done(d, name, epoch):
     record = read(os.path.join(d, name))
     return record is not None and record["epoch"] == epoch
-
-
-def read(path):
-    return json.load(open(path)) if os.path.exists(path) else None
-
-
-def machine():
-    name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else "?"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
