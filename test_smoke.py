@@ -1,9 +1,11 @@
 """Smoke and correctness tests of twostage-vae: the real scripts run as a user runs them (tiny
 settings, CPU, no network), the losses against closed forms, the data loaders on fake copies of
 each data set in torchvision's on-disk layout, fid.py against independent reference values
-(../shared/fid/fixture.npz), Table 3's MMD against a direct double loop, results/table1.py end to end
-and theory.ipynb top to bottom, the speed benchmark's table, and the course's grading tests
-(course/test_exercises.py).  Run:  pytest -q test_smoke.py  (its measured time: results/README.md, "Test suite time").
+(fixture.npz: TensorFlow's legacy resize and pool3 features, TTUR's FID; it lives in shared/fid
+beside the repository, with MNIST and the weights: README.md, "Tests"), Table 3's MMD against a
+direct double loop, results/table1.py and course/experiments.py end to end, theory.ipynb top to
+bottom, the speed benchmark's table, and the course's grading tests (course/test_exercises.py).
+Run:  pytest -q test_smoke.py  (its measured time: results/README.md, "Test suite time").
 
 One tiny two-stage run is trained once through the real command line (the `tiny` fixture) and shared;
 tests that change a run work on a copy. The command-line behaviour is tested in subprocesses;
@@ -55,7 +57,7 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def need(path):
-    """A file from ../shared: missing is a FAILURE under CI (CI=true), a skip elsewhere."""
+    """A file from shared/ beside the repository (README.md, "Tests"): missing is a FAILURE under CI (CI=true), a skip elsewhere."""
     if not Path(path).exists():
         if IN_CI:
             pytest.fail(f"missing shared file {path}")
@@ -105,7 +107,7 @@ def fake_mnist(root, folder="MNIST", n=256):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """The real MNIST from ../shared when present (always under CI), else a tiny synthetic one."""
+    """The real MNIST from shared/datasets when present (always under CI), else a tiny synthetic one."""
     if (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() or IN_CI:
         return need(DATA_ROOT)
     return fake_mnist(tmp_path_factory.mktemp("synthetic"))
@@ -485,17 +487,21 @@ def test_aggregate_posterior_samples_draw_from_both_posteriors():
 
 def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypatch, capsys):
     """results/table1.py end to end at a toy budget: every row, Table 3, a two-point budget curve
-    from a long run's snapshots; a second call finds everything done and runs no script."""
+    from a long run's snapshots, a stage-2 curve from stage 2's snapshots, the summary as one key
+    of a larger JSON file; a second call finds everything done and runs no script."""
     monkeypatch.setenv("TWOSTAGE_INCEPTION", str(need(FID_WEIGHTS)))
     long_run, out = tmp_path / "long", tmp_path / "table1"
     stage1.main([str(a) for a in ["--data-root", data_root, "--out", long_run, "--epochs", 2, "--snapshots", "1,2", "--limit", 128]])
-    args = ["--seeds", 0, "--stage1-epochs", 1, "--stage2-epochs", 1, "--limit", 128, "--n-fid", 4, "--fid-ref-n", 4,
-            "--fid-cache", tmp_path / "fid_stats", "--curve", long_run, "--curve-epochs", "1,2", "--curve-n-fid", 4,
-            "--out", out, "--json", tmp_path / "t1.json", "--data-root", data_root]
+    args = ["--seeds", 0, "--stage1-epochs", 1, "--stage2-epochs", 2, "--stage2-curve", "1,2", "--limit", 128,
+            "--n-fid", 4, "--fid-ref-n", 4, "--fid-cache", tmp_path / "fid_stats", "--curve", long_run, "--curve-epochs", "1,2",
+            "--curve-n-fid", 4, "--out", out, "--json", tmp_path / "t1.json", "--json-key", "full", "--data-root", data_root]
     args = [str(a) for a in args]
+    (tmp_path / "t1.json").write_text(json.dumps({"reduced": {"rows": 1}}))  # another entry of the file: kept
     table1.main(args)
     assert re.search(r"^vae_cross_entropy +\d+\.\d +16\.6 \+- 0\.4$", capsys.readouterr().out, re.M)  # the printed table
-    summary = json.loads((tmp_path / "t1.json").read_text())
+    written = json.loads((tmp_path / "t1.json").read_text())
+    assert set(written) == {"reduced", "full"} and written["reduced"] == {"rows": 1}
+    summary = written["full"]
     assert set(summary["rows"]) == {"two_stage", "vae_learned_gamma", "vae_fixed_gamma", "vae_cross_entropy"}
     assert all(np.isfinite(row["fid"]) and row["n_trials"] == 1 for row in summary["rows"].values())
     assert np.isfinite(summary["rows"]["two_stage"]["fid_minmax"]) and set(summary["mmd"]) >= {"stage1", "stage2"}
@@ -513,12 +519,19 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert summary["rows"]["vae_fixed_gamma"]["fid"] == fid_of("fixed-gamma", "samples_stage1")
     assert summary["rows"]["vae_cross_entropy"]["fid"] == fid_of("cross-entropy", "samples_stage1")
     assert trial["fid_one_stage"] == summary["budget_curve"][0]["fid_one_stage"]  # the same model, sampled alike
+    # the stage-2 curve: epoch 1 from stage 2's snapshot, sampled in a directory of its own; epoch 2 is the row
+    first, last = trial["stage2_curve"]
+    assert summary["stage2_curve"] == [{"stage2_epochs": 1, "fid": first["fid"]}, {"stage2_epochs": 2, "fid": last["fid"]}]
+    assert first["fid"] == fid_of("learned-gamma", "stage2_e0001/samples") and last["fid"] == summary["rows"]["two_stage"]["fid"]
+    assert first["fid"] != last["fid"] and first["loggamma_z"] != last["loggamma_z"] == trial["loggamma_z"]
+    # training time from the checkpoints: stage 1's epoch 1 was trained in the long run, not here
+    assert trial["epoch_seconds"]["stage1"]["epochs"] == 1 and trial["epoch_seconds"]["stage2"]["epochs"] == 2
     assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0
     logs = {p: p.read_text() for p in out.rglob("log.txt")}
     assert len(logs) == 5  # three decoders + two curve points
     table1.main(args)
     assert {p: p.read_text() for p in out.rglob("log.txt")} == logs  # nothing re-ran
-    assert json.loads((tmp_path / "t1.json").read_text())["rows"] == summary["rows"]
+    assert json.loads((tmp_path / "t1.json").read_text())["full"]["rows"] == summary["rows"]
     # a failing step stops the driver with one line naming the step and its log
     (out / "fixed-gamma" / "seed0" / "latents.json").unlink()
     (out / "fixed-gamma" / "seed0" / "stage1.pt").write_text("not a checkpoint")
@@ -671,7 +684,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# fid.py: against independent reference values (../shared/fid/fixture.npz), closed forms, the CLI
+# fid.py: against independent reference values (shared/fid/fixture.npz), closed forms, the CLI
 
 FID_PY = HERE / "fid.py"
 

@@ -27,7 +27,7 @@ only with each other.
            epochs 5, 10 and 20.
   z-noise  2-stage sampling without the gamma_z noise (z = z_hat(u)) against the authors' rule.
   fixed-z  stage 2 fitted on one fixed z ~ q(z|x) per image against a fresh draw for every batch
-           (the authors' code; Section 4 does not say which).
+           (the authors' code; Section 4, step 1, reads like one draw per image).
   batchnorm  exercise 5's point: the reconstruction error with BatchNorm in evaluation mode (its
            running averages, what encoding and sampling use) against training mode (the batch's own
            statistics), at the authors' momentum 0.001 and at this budget's 0.01.

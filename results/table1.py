@@ -5,6 +5,10 @@
     # the reduced budget of results/README.md, with the budget curve from a long run's snapshots
     python results/table1.py --seeds 0 --stage1-epochs 10 --stage2-epochs 20 \
         --curve runs/mnist --curve-epochs 5,10,20,30,40,60 --curve-n-fid 5000 --json results/mnist_table1.json
+    # one seed at the paper's budget, stage 1 from the long run's epoch-400 snapshot, with the 2-stage
+    # FID after 100, 200, 400 and 800 stage-2 epochs (results/README.md, "The full-protocol run")
+    python results/table1.py --seeds 0 --decoders learned-gamma --curve runs/mnist --stage2-curve 100,200,400,800 \
+        --out runs/table1-mnist-full --json results/mnist_table1.json --json-key full_protocol
 
 One trial = one stage-1 decoder (learned gamma, fixed gamma = 1, Bernoulli cross-entropy) and one
 seed, in its own directory <out>/<decoder>/seed<k>/. The learned-gamma trial gives two rows of
@@ -78,8 +82,9 @@ def run(script, args, log):
     return round(time.time() - t0, 1)
 
 
-def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None):
-    """Train (or finish) one trial in directory d and return its record (also written to d/trial.json)."""
+def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=()):
+    """Train (or finish) one trial in directory d and return its record (also written to d/trial.json).
+    stage2_curve: stage-2 epochs at which the 2-stage FID is measured too (learned gamma only)."""
     os.makedirs(d, exist_ok=True)
     log = os.path.join(d, "log.txt")
     seconds = (read_json(os.path.join(d, "trial.json")) or {}).get("seconds", {})  # timings of steps skipped now
@@ -90,8 +95,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None):
     # stage 1 (stage1.py also encodes the training split: mu_z.npy, sigma_z.npy, latents.json)
     ck1, latents = os.path.join(d, "stage1.pt"), os.path.join(d, "latents.json")
     if not os.path.exists(ck1) and snapshot and os.path.exists(snapshot):
-        shutil.copyfile(snapshot, ck1 + ".tmp")
-        os.replace(ck1 + ".tmp", ck1)
+        copy_atomic(snapshot, ck1)
         seconds["stage1_from"] = snapshot
     done = read_json(latents)
     if not (done and done["epoch"] == e1 and newer(latents, ck1)):
@@ -112,7 +116,9 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None):
             if os.path.exists(ck2) and not newer(ck2, latents):
                 os.remove(ck2)  # fitted to older latents: stage 2 starts again
             resume = ["--resume"] if os.path.exists(ck2) else ["--seed", seed]
-            seconds["stage2"] = run("stage2.py", common + resume + ["--epochs", e2], log)
+            keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
+            keep = ["--snapshots", ",".join(map(str, keep))] if keep else []
+            seconds["stage2"] = run("stage2.py", common + resume + keep + ["--epochs", e2], log)
             done2 = read_json(summary2)
             if done2["epoch"] != e2:
                 die(f"{ck2} is at epoch {done2['epoch']}, not {e2}; fix: delete {ck2} to refit stage 2")
@@ -133,10 +139,49 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None):
                 seconds[f"fid_stage{stage}{flag.replace('--', '_')}"] = run("fid.py", fid_args, log)
             key = ("fid_two_stage" if stage == 2 else "fid_one_stage") + ("_minmax" if flag else "")
             record[key] = read_json(out)["fid"]
+    # the stage-2 budget curve: the same stage 1, with stage 2 as it was after e of its epochs, each
+    # snapshot sampled and scored in a directory of its own, d/stage2_eNNNN/
+    if loss == "learned-gamma" and stage2_curve:
+        record["stage2_curve"] = []
+        for e in stage2_curve:
+            if e == e2:
+                point = {"loggamma_z": record["loggamma_z"], "fid": record["fid_two_stage"]}
+            else:
+                s, snap = os.path.join(d, f"stage2_e{e:04d}"), os.path.join(d, f"stage2_e{e:04d}.pt")
+                if not os.path.exists(snap) and not os.path.exists(os.path.join(s, "stage2.pt")):
+                    die(f"{snap} is missing; fix: delete {ck2} and run again, so that stage 2 keeps that snapshot")
+                for src, name in ((ck1, "stage1.pt"), (snap, "stage2.pt")):
+                    if os.path.exists(src) and not newer(os.path.join(s, name), src):
+                        copy_atomic(src, os.path.join(s, name))
+                npy, out = os.path.join(s, "samples.npy"), os.path.join(s, "samples.fid.json")
+                if not (newer(npy, os.path.join(s, "stage2.pt")) and len(np.load(npy, mmap_mode="r")) == n_fid):
+                    seconds[f"sample_stage2_e{e}"] = run("sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
+                                                         + (["--device", a.device] if a.device else []), log)
+                if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
+                    seconds[f"fid_stage2_e{e}"] = run("fid.py", fid_common + ["--samples", npy], log)
+                point = {"loggamma_z": load_checkpoint(os.path.join(s, "stage2.pt"))["model"]["loggamma_z"].item(),
+                         "fid": read_json(out)["fid"]}
+            record["stage2_curve"].append({"stage2_epochs": e, **point})
+    # training time from the checkpoints' own per-epoch record: it covers epochs trained in earlier
+    # sessions or in the long run a snapshot came from, which `seconds` (this call's steps) does not
+    record["epoch_seconds"] = {f"stage{k}": epoch_seconds(ck) for k, ck in ((1, ck1), (2, os.path.join(d, "stage2.pt")))
+                               if os.path.exists(ck)}
     record["seconds"] = seconds
     save_atomic(record, os.path.join(d, "trial.json"))
     print(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith(("fid", "loggamma", "mmd_stage", "active")) and v is not None), flush=True)
     return record
+
+
+def epoch_seconds(checkpoint):
+    """Sum, median and max over the epochs in a checkpoint's history (a paused epoch shows as the max)."""
+    s = [h["seconds"] for h in load_checkpoint(checkpoint)["history"]]
+    return {"epochs": len(s), "sum": round(sum(s), 1), "median": round(float(np.median(s)), 1), "max": round(max(s), 1)}
+
+
+def copy_atomic(src, dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
 
 
 def same_run(config, loss, seed, a):
@@ -177,10 +222,10 @@ def plot_curve(curve, path, ref_n, data):
     ax2.set_ylabel("loggamma_x")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right")
+    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center", ncol=3, fontsize=8, frameon=False)
     ax.set_title(f"{data.upper() if data == 'mnist' else data}: FID and loggamma_x against the stage-1 budget "
                  f"(stage 2: {curve[0]['stage2_epochs']} epochs)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # the legend below the axes, clear of the curves
     fig.savefig(path + ".tmp.png", dpi=120)
     os.replace(path + ".tmp.png", path)
 
@@ -198,8 +243,12 @@ def main(argv=None):
     p.add_argument("--curve", help="a long learned-gamma run directory whose snapshots stage1_eNNNN.pt give the budget curve")
     p.add_argument("--curve-epochs", default="", help="snapshot epochs for the curve, e.g. 5,10,20,40")
     p.add_argument("--curve-n-fid", type=int, default=5000, help="samples per FID on the curve")
+    p.add_argument("--stage2-curve", default="", help="stage-2 epochs at which the learned-gamma trials' 2-stage FID "
+                   "is measured too, from stage 2's snapshots, e.g. 100,200,400,800")
     p.add_argument("--out", default=None, help="trial directories go here (default runs/table1-<data>)")
     p.add_argument("--json", default=None, help="summary JSON (default <out>/summary.json)")
+    p.add_argument("--json-key", default=None, help="write the summary under this key of --json, keeping the file's "
+                   "other keys (e.g. full_protocol)")
     p.add_argument("--plot", default=None, help="budget-curve PNG (default: beside --json)")
     p.add_argument("--data-root", default=os.environ.get("TWOSTAGE_DATA", "./data"), help="torchvision root")
     p.add_argument("--limit", type=int, default=0, help="stage 1 on the first N training images only (tests; 0 = all)")
@@ -209,6 +258,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.curve_epochs and not a.curve:
         die("--curve-epochs needs --curve DIR, the long run whose snapshots give the curve")
+    stage2_curve = sorted({int(e) for e in a.stage2_curve.split(",") if e.strip()})
+    if stage2_curve and not (0 < stage2_curve[0] and stage2_curve[-1] <= a.stage2_epochs):
+        die(f"--stage2-curve {a.stage2_curve}: each epoch must be between 1 and --stage2-epochs {a.stage2_epochs}")
     # the scripts run from the repository; paths given here are relative to where this was called
     out = os.path.abspath(a.out or os.path.join(ROOT, "runs", f"table1-{a.data}"))
     a.curve, a.json, a.plot, a.data_root, a.fid_cache = [os.path.abspath(p) if p else p for p in
@@ -226,7 +278,8 @@ def main(argv=None):
             snapshot = None
             if long_run and same_run(long_run, loss, seed, a):  # the long run IS this trial's model, so far
                 snapshot = os.path.join(a.curve, f"stage1_e{a.stage1_epochs:04d}.pt")
-            trials[(loss, seed)] = trial(d, loss, seed, a.stage1_epochs, a.stage2_epochs, a.n_fid, not a.no_minmax, a, snapshot)
+            trials[(loss, seed)] = trial(d, loss, seed, a.stage1_epochs, a.stage2_epochs, a.n_fid, not a.no_minmax, a,
+                                         snapshot, stage2_curve)
 
     curve = []
     for e in [int(x) for x in a.curve_epochs.split(",") if x.strip()]:
@@ -266,9 +319,13 @@ def main(argv=None):
                           "stage2": float(np.mean([t["mmd_stage2"] for t in learned])),
                           "estimator": learned[0]["mmd_estimator"]}
         summary["loggamma_x"] = float(np.mean([t["loggamma_x"] for t in learned]))
+    if learned and stage2_curve:  # stage-2 epochs -> 2-stage FID, mean over the learned-gamma trials
+        summary["stage2_curve"] = [{"stage2_epochs": e, "fid": float(np.mean([t["stage2_curve"][i]["fid"] for t in learned]))}
+                                   for i, e in enumerate(stage2_curve)]
     path = a.json or os.path.join(out, "summary.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_atomic(summary, path)
+    # --json-key: one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
+    save_atomic({**(read_json(path) or {}), a.json_key: summary} if a.json_key else summary, path)
     if curve:
         plot_curve(curve, a.plot or os.path.join(os.path.dirname(path), f"{a.data}_budget_curve.png"), a.fid_ref_n, a.data)
 
@@ -281,6 +338,8 @@ def main(argv=None):
     if "mmd" in summary:
         print(f"Table 3 MMD to N(0, I): stage 1 {summary['mmd']['stage1']:.4f}, stage 2 {summary['mmd']['stage2']:.4f} "
               f"({summary['mmd']['estimator']}; the paper: 2.85 / 0.43, estimator not stated)")
+    for c in summary.get("stage2_curve", []):
+        print(f"stage-2 curve: stage-2 epoch {c['stage2_epochs']:>4} | FID 2-stage {c['fid']:.1f}")
     for c in curve:
         print(f"curve: stage-1 epoch {c['stage1_epochs']:>4} | loggamma_x {c['loggamma_x']:.3f} | active dims {c['active_dims']} | "
               f"FID 1-stage {c['fid_one_stage']:.1f} | 2-stage {c['fid_two_stage']:.1f}")
