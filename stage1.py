@@ -335,6 +335,10 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
     if steps == 0:
         die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size or raise --limit")
     start, forecast_said = ckpt["epoch"], False
+    snapshot = lambda epoch: f"{os.path.splitext(path)[0]}_e{epoch:04d}.pt"  # kept copies, e.g. for FID against epochs
+    if start in snapshots and start < cfg["epochs"] and not os.path.exists(snapshot(start)):
+        shutil.copyfile(path, snapshot(start) + ".tmp")  # listed only after that epoch was trained
+        os.replace(snapshot(start) + ".tmp", snapshot(start))
     for epoch in range(start, cfg["epochs"]):
         t0 = last_print = time.time()
         for group in opt.param_groups:
@@ -374,11 +378,9 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
         ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
                                 loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
         ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
+        if epoch + 1 in snapshots:  # before the checkpoint: a kill in between must not lose the snapshot
+            save_atomic(ckpt, snapshot(epoch + 1))
         save_atomic(ckpt, path)
-        if epoch + 1 in snapshots:  # kept copies, e.g. for FID against stage-1 epochs
-            snapshot = f"{os.path.splitext(path)[0]}_e{epoch + 1:04d}.pt"
-            shutil.copyfile(path, snapshot + ".tmp")
-            os.replace(snapshot + ".tmp", snapshot)
         print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
               f"{loggamma_name} {loggamma.item():.4f} | {steps * batch / seconds:.0f} img/s | "
               f"ETA {fmt_time(seconds * (cfg['epochs'] - epoch - 1))}", flush=True)

@@ -407,6 +407,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     shutil.copyfile(tiny.dir / "stage1_e0001.pt", b / "stage1.pt")
     stage1.main(["--out", str(b), "--resume", "--epochs", "2", "--data-root", tiny.root])
     sa, sb = state(tiny.dir / "stage1.pt"), state(b / "stage1.pt")
+    assert state(b / "stage1_e0001.pt")["epoch"] == 1  # a checkpoint resumed at a --snapshots epoch gets its missing snapshot
     assert sa["model"].keys() == sb["model"].keys()
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
@@ -524,14 +525,22 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert summary["stage2_curve"] == [{"stage2_epochs": 1, "fid": first["fid"]}, {"stage2_epochs": 2, "fid": last["fid"]}]
     assert first["fid"] == fid_of("learned-gamma", "stage2_e0001/samples") and last["fid"] == summary["rows"]["two_stage"]["fid"]
     assert first["fid"] != last["fid"] and first["loggamma_z"] != last["loggamma_z"] == trial["loggamma_z"]
+    assert state(out / "learned-gamma" / "seed0" / "stage2_e0001" / "stage2.pt")["epoch"] == 1
     # training time from the checkpoints: stage 1's epoch 1 was trained in the long run, not here
     assert trial["epoch_seconds"]["stage1"]["epochs"] == 1 and trial["epoch_seconds"]["stage2"]["epochs"] == 2
     assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0
     logs = {p: p.read_text() for p in out.rglob("log.txt")}
     assert len(logs) == 5  # three decoders + two curve points
-    table1.main(args)
+    # again, as the whole file: nothing re-runs; the entry written under --json-key stays, the other goes
+    table1.main(args[:args.index("--json-key")] + args[args.index("--json-key") + 2:])
     assert {p: p.read_text() for p in out.rglob("log.txt")} == logs  # nothing re-ran
-    assert json.loads((tmp_path / "t1.json").read_text())["full"]["rows"] == summary["rows"]
+    written = json.loads((tmp_path / "t1.json").read_text())
+    assert written["rows"] == summary["rows"] and written["full"] == summary and "reduced" not in written
+    # refused before any work: a trial whose snapshot the long run does not have yet; a --json that is not an object
+    assert "stage1_e0003.pt is missing" in refused(table1.main, args + ["--decoders", "learned-gamma", "--stage1-epochs", "3",
+                                                                      "--out", str(tmp_path / "other")])
+    (tmp_path / "list.json").write_text("[1]")
+    assert "not a JSON object" in refused(table1.main, args + ["--json", str(tmp_path / "list.json")])
     # a failing step stops the driver with one line naming the step and its log
     (out / "fixed-gamma" / "seed0" / "latents.json").unlink()
     (out / "fixed-gamma" / "seed0" / "stage1.pt").write_text("not a checkpoint")

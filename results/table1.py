@@ -26,6 +26,7 @@ it is the same model a fresh run would train (on the same device; test_smoke.py 
 import argparse
 import contextlib
 import datetime
+import glob
 import importlib
 import json
 import os
@@ -94,7 +95,10 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
 
     # stage 1 (stage1.py also encodes the training split: mu_z.npy, sigma_z.npy, latents.json)
     ck1, latents = os.path.join(d, "stage1.pt"), os.path.join(d, "latents.json")
-    if not os.path.exists(ck1) and snapshot and os.path.exists(snapshot):
+    if not os.path.exists(ck1) and snapshot:
+        if not os.path.exists(snapshot):  # never train 400 epochs here, beside the run that will have them
+            die(f"{snapshot} is missing; fix: let the run in {os.path.dirname(snapshot)} reach epoch {e1} with {e1} in "
+                "its --snapshots, or drop --curve to train this trial's stage 1 itself")
         copy_atomic(snapshot, ck1)
         seconds["stage1_from"] = snapshot
     done = read_json(latents)
@@ -112,10 +116,13 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     if loss == "learned-gamma":
         ck2, summary2 = os.path.join(d, "stage2.pt"), os.path.join(d, "stage2.json")
         done2 = read_json(summary2)
-        if not (done2 and done2["epoch"] == e2 and newer(summary2, latents)):
+        if not (done2 and done2["epoch"] == e2 and newer(summary2, latents) and os.path.exists(ck2)):
             if os.path.exists(ck2) and not newer(ck2, latents):
                 os.remove(ck2)  # fitted to older latents: stage 2 starts again
             resume = ["--resume"] if os.path.exists(ck2) else ["--seed", seed]
+            if not os.path.exists(ck2):  # a new fit: no snapshot or curve point of an older one may survive it
+                for old in glob.glob(os.path.join(d, "stage2_e*")):
+                    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
             keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
             keep = ["--snapshots", ",".join(map(str, keep))] if keep else []
             seconds["stage2"] = run("stage2.py", common + resume + keep + ["--epochs", e2], log)
@@ -148,13 +155,14 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 point = {"loggamma_z": record["loggamma_z"], "fid": record["fid_two_stage"]}
             else:
                 s, snap = os.path.join(d, f"stage2_e{e:04d}"), os.path.join(d, f"stage2_e{e:04d}.pt")
-                if not os.path.exists(snap) and not os.path.exists(os.path.join(s, "stage2.pt")):
-                    die(f"{snap} is missing; fix: delete {ck2} and run again, so that stage 2 keeps that snapshot")
+                if not os.path.exists(snap):
+                    die(f"{snap} is missing; fix: delete {ck2} and run again: stage 2 is refitted, keeping that snapshot")
                 for src, name in ((ck1, "stage1.pt"), (snap, "stage2.pt")):
-                    if os.path.exists(src) and not newer(os.path.join(s, name), src):
+                    if not newer(os.path.join(s, name), src):
                         copy_atomic(src, os.path.join(s, name))
                 npy, out = os.path.join(s, "samples.npy"), os.path.join(s, "samples.fid.json")
-                if not (newer(npy, os.path.join(s, "stage2.pt")) and len(np.load(npy, mmap_mode="r")) == n_fid):
+                if not (newer(npy, os.path.join(s, "stage1.pt"), os.path.join(s, "stage2.pt"))
+                        and len(np.load(npy, mmap_mode="r")) == n_fid):
                     seconds[f"sample_stage2_e{e}"] = run("sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
                                                          + (["--device", a.device] if a.device else []), log)
                 if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
@@ -265,6 +273,13 @@ def main(argv=None):
     out = os.path.abspath(a.out or os.path.join(ROOT, "runs", f"table1-{a.data}"))
     a.curve, a.json, a.plot, a.data_root, a.fid_cache = [os.path.abspath(p) if p else p for p in
                                                          (a.curve, a.json, a.plot, a.data_root, a.fid_cache)]
+    path = a.json or os.path.join(out, "summary.json")
+    try:  # checked now, not after hours of training
+        ok = isinstance(read_json(path) or {}, dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        die(f"{path} exists and is not a JSON object; fix: pass another --json, or move that file away")
     started = time.time()
 
     long_run = (load_checkpoint(os.path.join(a.curve, "stage1.pt")) or die(f"{a.curve}/stage1.pt is missing; fix: pass the "
@@ -306,7 +321,7 @@ def main(argv=None):
     summary = {
         "budget": {"stage1_epochs": a.stage1_epochs, "stage2_epochs": a.stage2_epochs, "n_fid": a.n_fid,
                    "seeds": a.seeds, "fid_reference": f"{a.fid_ref_n} test images, standard convention (x*255)",
-                   "curve_stage2_epochs": a.stage2_epochs, "curve_n_fid": a.curve_n_fid},
+                   **({"curve_stage2_epochs": a.stage2_epochs, "curve_n_fid": a.curve_n_fid} if curve else {})},
         "machine": machine(), "date": datetime.date.today().isoformat(), "versions": versions(),
         "command": "python results/table1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
@@ -322,10 +337,13 @@ def main(argv=None):
     if learned and stage2_curve:  # stage-2 epochs -> 2-stage FID, mean over the learned-gamma trials
         summary["stage2_curve"] = [{"stage2_epochs": e, "fid": float(np.mean([t["stage2_curve"][i]["fid"] for t in learned]))}
                                    for i, e in enumerate(stage2_curve)]
-    path = a.json or os.path.join(out, "summary.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # --json-key: one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
-    save_atomic({**(read_json(path) or {}), a.json_key: summary} if a.json_key else summary, path)
+    old = read_json(path) or {}
+    if a.json_key:  # one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
+        summary["json_key"] = a.json_key
+        save_atomic({**old, a.json_key: summary}, path)
+    else:  # the whole file, except the entries other calls wrote there with --json-key
+        save_atomic({**{k: v for k, v in old.items() if isinstance(v, dict) and v.get("json_key") == k}, **summary}, path)
     if curve:
         plot_curve(curve, a.plot or os.path.join(os.path.dirname(path), f"{a.data}_budget_curve.png"), a.fid_ref_n, a.data)
 
