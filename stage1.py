@@ -337,8 +337,7 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
     start, forecast_said = ckpt["epoch"], False
     snapshot = lambda epoch: f"{os.path.splitext(path)[0]}_e{epoch:04d}.pt"  # kept copies, e.g. for FID against epochs
     if start in snapshots and start < cfg["epochs"] and not os.path.exists(snapshot(start)):
-        shutil.copyfile(path, snapshot(start) + ".tmp")  # listed only after that epoch was trained
-        os.replace(snapshot(start) + ".tmp", snapshot(start))
+        copy_atomic(path, snapshot(start))  # listed only after that epoch was trained
     for epoch in range(start, cfg["epochs"]):
         t0 = last_print = time.time()
         for group in opt.param_groups:
@@ -535,6 +534,13 @@ def save_atomic(obj, path):
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def copy_atomic(src, dst):
+    """Copy to a temporary name, then rename: a kill never leaves half a file to trip the next run."""
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
 
 
 def versions():

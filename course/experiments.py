@@ -44,7 +44,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -91,7 +90,7 @@ def snapshot(a, seed, epoch):
         return d
     e = os.path.join(a.out, f"learned-gamma-kappa64-e{epoch}", f"seed{seed}")
     if not done(e, "latents.json", epoch):
-        copy(checkpoint_at(a, d, epoch), os.path.join(e, "stage1.pt"))
+        stage1.copy_atomic(checkpoint_at(a, d, epoch), os.path.join(e, "stage1.pt"))
         run(a, "stage1.py", e, ["--resume", "--epochs", epoch, "--data-root", a.data_root])
     return e
 
@@ -102,7 +101,7 @@ def stage2_run(a, d, seed, fixed=False):
         f = os.path.join(os.path.dirname(d) + "-fixed-z", os.path.basename(d))
         for name in ("stage1.pt", "mu_z.npy", "sigma_z.npy", "latents.json"):
             if not os.path.exists(os.path.join(f, name)):
-                copy(os.path.join(d, name), os.path.join(f, name))
+                stage1.copy_atomic(os.path.join(d, name), os.path.join(f, name))
         d = f
     if not done(d, "stage2.json", a.stage2_epochs):
         if os.path.exists(os.path.join(d, "stage2.pt")):
@@ -305,13 +304,6 @@ def run(a, script, d, args):
 def first_images(root, n):
     """The first n MNIST training images as floats in [0, 1], read once."""
     return stage1.load_images("mnist", root)[:n].float() / 255
-
-
-def copy(src, dst):
-    """Copy to a temporary name, then rename: a kill never leaves half a file to trip the next run."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
 
 
 def done(d, name, epoch):

@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
-from stage1 import STAGE1_DEFAULTS, HelpWithDefaults, die, load_checkpoint, save_atomic, versions  # noqa: E402
+from stage1 import STAGE1_DEFAULTS, HelpWithDefaults, copy_atomic, die, load_checkpoint, save_atomic, versions  # noqa: E402
 
 PAPER = {"two_stage": 12.6, "vae_learned_gamma": 54.5, "vae_fixed_gamma": 52.0, "vae_cross_entropy": 16.6}
 PAPER_STD = {"two_stage": 1.5, "vae_learned_gamma": 1.0, "vae_fixed_gamma": 0.6, "vae_cross_entropy": 0.4}
@@ -119,8 +119,10 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
         if not (done2 and done2["epoch"] == e2 and newer(summary2, latents) and os.path.exists(ck2)):
             if os.path.exists(ck2) and not newer(ck2, latents):
                 os.remove(ck2)  # fitted to older latents: stage 2 starts again
-            resume = ["--resume"] if os.path.exists(ck2) else ["--seed", seed]
-            if not os.path.exists(ck2):  # a new fit: no snapshot or curve point of an older one may survive it
+            if os.path.exists(ck2):
+                resume = ["--resume"]
+            else:  # a new fit: no snapshot or curve point of an older one may survive it
+                resume = ["--seed", seed]
                 for old in glob.glob(os.path.join(d, "stage2_e*")):
                     shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
             keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
@@ -184,12 +186,6 @@ def epoch_seconds(checkpoint):
     """Sum, median and max over the epochs in a checkpoint's history (a paused epoch shows as the max)."""
     s = [h["seconds"] for h in load_checkpoint(checkpoint)["history"]]
     return {"epochs": len(s), "sum": round(sum(s), 1), "median": round(float(np.median(s)), 1), "max": round(max(s), 1)}
-
-
-def copy_atomic(src, dst):
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
 
 
 def same_run(config, loss, seed, a):
