@@ -170,7 +170,7 @@ def test_celeba_loader_crops_and_resizes_like_the_authors(tmp_path, monkeypatch)
 
 
 def test_missing_data_offline_is_one_clear_error(tmp_path, capsys):
-    # in this process: the command line's one-line errors are tested with stage2.py and fid.py below
+    # in this process: a one-line error through the real command line is tested with stage2.py below
     argv = ["--data", "fashion", "--data-root", tmp_path / "nothing", "--out", tmp_path / "run", "--epochs", 1]
     try:
         message = refused(stage1.main, argv)
