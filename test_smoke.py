@@ -699,7 +699,6 @@ def test_help_lists_every_flag_with_its_default(capsys):
 # ---------------------------------------------------------------------------------------------
 # fid.py: against independent reference values (shared/fid/fixture.npz), closed forms, the CLI
 
-FID_PY = HERE / "fid.py"
 
 
 @pytest.fixture(scope="module")
@@ -716,11 +715,6 @@ def inception():  # loaded once per module: 87 MB
 def mnist_digits(n):
     need(DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
     return fid.load_reference_images("mnist", "test", str(DATA_ROOT))[:n, :, :, 0]  # (n, 28, 28) uint8
-
-
-def run_cli(*args, cwd, env=None):
-    return subprocess.run([sys.executable, str(FID_PY), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_fid_features_match_reference_network(inception, fid_fixture):
@@ -864,7 +858,7 @@ def test_fid_cli_samples_writes_json_and_reuses_cache(tmp_path, monkeypatch, cap
     np.save(tmp_path / "samples.npy", (mnist_digits(24)[16:] / 255).astype(np.float32))  # float in [0, 1]
     common = ["--data", "mnist", "--n", 16, "--data-root", need(DATA_ROOT), "--cache", "stats",
               "--inception", FID_WEIGHTS, "--batch-size", 16]
-    r = run_cli("--samples", "samples.npy", *common, cwd=tmp_path)
+    r = run("fid.py", "--samples", "samples.npy", *common, cwd=tmp_path, check=False)
     assert r.returncode == 0, r.stderr
     assert "(standard: x*255, TF legacy resize; n=8 vs mnist test n=16)" in r.stdout
     res = json.loads((tmp_path / "samples.fid.json").read_text())
