@@ -525,13 +525,13 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert trial["fid_one_stage"] == summary["budget_curve"][0]["fid_one_stage"]  # the same model, sampled alike
     # the stage-2 curve: epoch 1 from stage 2's snapshot, sampled in a directory of its own; epoch 2 is the row
     first, last = trial["stage2_curve"]
-    assert summary["stage2_curve"] == [{"stage2_epochs": 1, "fid": first["fid"]}, {"stage2_epochs": 2, "fid": last["fid"]}]
+    assert summary["stage2_curve"] == [{"stage2_epochs": e, "fid": p["fid"], "loggamma_z": p["loggamma_z"]} for e, p in ((1, first), (2, last))]
     assert first["fid"] == fid_of("learned-gamma", "stage2_e0001/samples") and last["fid"] == summary["rows"]["two_stage"]["fid"]
     assert first["fid"] != last["fid"] and first["loggamma_z"] != last["loggamma_z"] == trial["loggamma_z"]
     assert state(out / "learned-gamma" / "seed0" / "stage2_e0001" / "stage2.pt")["epoch"] == 1
     # training time from the checkpoints: stage 1's epoch 1 was trained in the long run, not here
     assert trial["epoch_seconds"]["stage1"]["epochs"] == 1 and trial["epoch_seconds"]["stage2"]["epochs"] == 2
-    assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0
+    assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0 and (tmp_path / "mnist_stage2_curve.png").stat().st_size > 0
     logs = {p: p.read_text() for p in out.rglob("log.txt")}
     assert len(logs) == 5  # three decoders + two curve points
     # again, as the whole file: nothing re-runs; the entry written under --json-key stays, the other goes

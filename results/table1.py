@@ -6,7 +6,8 @@
     python results/table1.py --seeds 0 --stage1-epochs 10 --stage2-epochs 20 \
         --curve runs/mnist --curve-epochs 5,10,20,30,40,60 --curve-n-fid 5000 --json results/mnist_table1.json
     # one seed at the paper's budget, stage 1 from the long run's epoch-400 snapshot, with the 2-stage
-    # FID after 100, 200, 400 and 800 stage-2 epochs (results/README.md, "The full-protocol run")
+    # FID after 100, 200, 400 and 800 stage-2 epochs, plotted in mnist_stage2_curve.png beside the JSON
+    # (results/README.md, "The full-protocol run")
     python results/table1.py --seeds 0 --decoders learned-gamma --curve runs/mnist --stage2-curve 100,200,400,800 \
         --out runs/table1-mnist-full --json results/mnist_table1.json --json-key full_protocol
 
@@ -234,6 +235,33 @@ def plot_curve(curve, path, ref_n, data):
     os.replace(path + ".tmp.png", path)
 
 
+def plot_stage2_curve(points, path, n_fid, ref_n, data, stage1_epochs):
+    """2-stage FID and loggamma_z against stage-2 epochs for one stage-1 budget (means over the seeds):
+    the paper never shows how much of the 2-stage FID is the stage-2 budget."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    e = [p["stage2_epochs"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(e, [p["fid"] for p in points], "s-", color="C1", label="2-stage FID")
+    ax.axhline(PAPER["two_stage"], color="C1", ls=":", label=f"the paper's 2-stage FID, {PAPER['two_stage']}")
+    ax.set_xlabel("stage-2 epochs")
+    ax.set_ylabel(f"FID ({n_fid} samples vs {ref_n} test images)")
+    ax.set_xscale("log")
+    ax.set_xticks(e, [str(x) for x in e])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2 = ax.twinx()
+    ax2.plot(e, [p["loggamma_z"] for p in points], "k--", alpha=0.6, label="loggamma_z (right axis)")
+    ax2.set_ylabel("loggamma_z")
+    lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center", ncol=3, fontsize=8, frameon=False)
+    ax.set_title(f"{data.upper() if data == 'mnist' else data}: 2-stage FID against the stage-2 budget "
+                 f"(stage 1: {stage1_epochs} epochs)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Table 1 (MNIST column) and Table 3 with this project's scripts.",
                                 formatter_class=HelpWithDefaults)
@@ -254,6 +282,7 @@ def main(argv=None):
     p.add_argument("--json-key", default=None, help="write the summary under this key of --json, keeping the file's "
                    "other keys (e.g. full_protocol)")
     p.add_argument("--plot", default=None, help="budget-curve PNG (default: beside --json)")
+    p.add_argument("--stage2-plot", default=None, help="stage-2 curve PNG (default: beside --json)")
     p.add_argument("--data-root", default=os.environ.get("TWOSTAGE_DATA", "./data"), help="torchvision root")
     p.add_argument("--limit", type=int, default=0, help="stage 1 on the first N training images only (tests; 0 = all)")
     p.add_argument("--fid-ref-n", type=int, default=10000, help="test images in the FID reference (the paper's 10,000)")
@@ -267,8 +296,8 @@ def main(argv=None):
         die(f"--stage2-curve {a.stage2_curve}: each epoch must be between 1 and --stage2-epochs {a.stage2_epochs}")
     # the scripts run from the repository; paths given here are relative to where this was called
     out = os.path.abspath(a.out or os.path.join(ROOT, "runs", f"table1-{a.data}"))
-    a.curve, a.json, a.plot, a.data_root, a.fid_cache = [os.path.abspath(p) if p else p for p in
-                                                         (a.curve, a.json, a.plot, a.data_root, a.fid_cache)]
+    a.curve, a.json, a.plot, a.stage2_plot, a.data_root, a.fid_cache = [
+        os.path.abspath(p) if p else p for p in (a.curve, a.json, a.plot, a.stage2_plot, a.data_root, a.fid_cache)]
     path = a.json or os.path.join(out, "summary.json")
     try:  # checked now, not after hours of training
         ok = isinstance(read_json(path) or {}, dict)
@@ -331,8 +360,8 @@ def main(argv=None):
                           "estimator": learned[0]["mmd_estimator"]}
         summary["loggamma_x"] = float(np.mean([t["loggamma_x"] for t in learned]))
     if learned and stage2_curve:  # stage-2 epochs -> 2-stage FID, mean over the learned-gamma trials
-        summary["stage2_curve"] = [{"stage2_epochs": e, "fid": float(np.mean([t["stage2_curve"][i]["fid"] for t in learned]))}
-                                   for i, e in enumerate(stage2_curve)]
+        summary["stage2_curve"] = [{"stage2_epochs": e, **{k: float(np.mean([t["stage2_curve"][i][k] for t in learned]))
+                                                            for k in ("fid", "loggamma_z")}} for i, e in enumerate(stage2_curve)]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = read_json(path) or {}
     if a.json_key:  # one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
@@ -342,6 +371,9 @@ def main(argv=None):
         save_atomic({**{k: v for k, v in old.items() if isinstance(v, dict) and v.get("json_key") == k}, **summary}, path)
     if curve:
         plot_curve(curve, a.plot or os.path.join(os.path.dirname(path), f"{a.data}_budget_curve.png"), a.fid_ref_n, a.data)
+    if "stage2_curve" in summary:
+        plot_stage2_curve(summary["stage2_curve"], a.stage2_plot or os.path.join(os.path.dirname(path), f"{a.data}_stage2_curve.png"),
+                          a.n_fid, a.fid_ref_n, a.data, a.stage1_epochs)
 
     print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
           f"vs {a.fid_ref_n} test images (standard convention)")
