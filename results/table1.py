@@ -344,7 +344,7 @@ def main(argv=None):
         if got:
             rows[row] = mean_std(got)
     summary = {
-        "budget": {"stage1_epochs": a.stage1_epochs, "stage2_epochs": a.stage2_epochs, "n_fid": a.n_fid,
+        "budget": {**({"stage1_epochs": a.stage1_epochs, "stage2_epochs": a.stage2_epochs, "n_fid": a.n_fid} if trials else {}),
                    "seeds": a.seeds, "fid_reference": f"{a.fid_ref_n} test images, standard convention (x*255)",
                    **({"curve_stage2_epochs": a.stage2_epochs, "curve_n_fid": a.curve_n_fid} if curve else {})},
         "machine": machine(), "date": datetime.date.today().isoformat(), "versions": versions(),
@@ -375,9 +375,10 @@ def main(argv=None):
         plot_stage2_curve(summary["stage2_curve"], a.stage2_plot or os.path.join(os.path.dirname(path), f"{a.data}_stage2_curve.png"),
                           a.n_fid, a.fid_ref_n, a.data, a.stage1_epochs)
 
-    print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
-          f"vs {a.fid_ref_n} test images (standard convention)")
-    print(f"{'row':<20} {'ours':>16} {'paper':>14}")
+    if rows:
+        print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
+              f"vs {a.fid_ref_n} test images (standard convention)")
+        print(f"{'row':<20} {'ours':>16} {'paper':>14}")
     for row, r in rows.items():
         ours = f"{r['fid']:.1f}" + (f" +- {r['std']:.1f}" if r["std"] is not None else "")
         print(f"{row:<20} {ours:>16} {PAPER[row]:>7.1f} +- {PAPER_STD[row]}")
