@@ -502,7 +502,7 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     args = [str(a) for a in args]
     (tmp_path / "t1.json").write_text(json.dumps({"reduced": {"rows": 1}}))  # another entry of the file: kept
     table1.main(args)
-    assert re.search(r"^vae_cross_entropy +\d+\.\d +16\.6 \+- 0\.4$", capsys.readouterr().out, re.M)  # the printed table
+    assert re.search(r"^vae_cross_entropy +\d+\.\d +\d+\.\d +16\.6 \+- 0\.4$", capsys.readouterr().out, re.M)  # the printed table
     written = json.loads((tmp_path / "t1.json").read_text())
     assert set(written) == {"reduced", "full"} and written["reduced"] == {"rows": 1}
     summary = written["full"]
@@ -517,15 +517,22 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert trial["seconds"]["stage1_from"] == str(long_run / "stage1_e0001.pt")
     assert not re.search(r"^epoch \d+/\d+ .*loggamma_x", (out / "learned-gamma" / "seed0" / "log.txt").read_text(), re.M)
     assert re.search(r"^epoch 1/1 .*loggamma_x", (out / "fixed-gamma" / "seed0" / "log.txt").read_text(), re.M)
-    fid_of = lambda d, name: json.loads((out / d / "seed0" / f"{name}.fid.json").read_text())["fid"]
+    fid_of = lambda d, name, convention="fid": json.loads((out / d / "seed0" / f"{name}.{convention}.json").read_text())["fid"]
     assert summary["rows"]["two_stage"]["fid"] == fid_of("learned-gamma", "samples")
     assert summary["rows"]["vae_learned_gamma"]["fid"] == fid_of("learned-gamma", "samples_stage1")
     assert summary["rows"]["vae_fixed_gamma"]["fid"] == fid_of("fixed-gamma", "samples_stage1")
     assert summary["rows"]["vae_cross_entropy"]["fid"] == fid_of("cross-entropy", "samples_stage1")
+    # each row also in the authors' min-max convention (the paper's numbers), from its own fid.py call
+    assert summary["rows"]["two_stage"]["fid_minmax"] == fid_of("learned-gamma", "samples", "fid-authors-minmax")
+    assert summary["rows"]["vae_fixed_gamma"]["fid_minmax"] == fid_of("fixed-gamma", "samples_stage1", "fid-authors-minmax")
+    assert summary["rows"]["vae_learned_gamma"]["fid"] != summary["rows"]["vae_learned_gamma"]["fid_minmax"]
     assert trial["fid_one_stage"] == summary["budget_curve"][0]["fid_one_stage"]  # the same model, sampled alike
     # the stage-2 curve: epoch 1 from stage 2's snapshot, sampled in a directory of its own; epoch 2 is the row
     first, last = trial["stage2_curve"]
-    assert summary["stage2_curve"] == [{"stage2_epochs": e, "fid": p["fid"], "loggamma_z": p["loggamma_z"]} for e, p in ((1, first), (2, last))]
+    assert summary["stage2_curve"] == [{"stage2_epochs": e, "fid": p["fid"], "fid_minmax": p["fid_minmax"], "loggamma_z": p["loggamma_z"]}
+                                       for e, p in ((1, first), (2, last))]
+    assert first["fid_minmax"] == fid_of("learned-gamma", "stage2_e0001/samples", "fid-authors-minmax")
+    assert last["fid_minmax"] == summary["rows"]["two_stage"]["fid_minmax"]
     assert first["fid"] == fid_of("learned-gamma", "stage2_e0001/samples") and last["fid"] == summary["rows"]["two_stage"]["fid"]
     assert first["fid"] != last["fid"] and first["loggamma_z"] != last["loggamma_z"] == trial["loggamma_z"]
     assert state(out / "learned-gamma" / "seed0" / "stage2_e0001" / "stage2.pt")["epoch"] == 1

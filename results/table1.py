@@ -14,6 +14,8 @@
 One trial = one stage-1 decoder (learned gamma, fixed gamma = 1, Bernoulli cross-entropy) and one
 seed, in its own directory <out>/<decoder>/seed<k>/. The learned-gamma trial gives two rows of
 Table 1 (2-stage sampling, and the same stage 1 sampled from N(0, I)); the other two give one each.
+Every row's FID is computed twice: in the standard convention (x * 255) and in the authors' (each
+generated image min-max rescaled first, as their fid_score.py does for the paper's numbers).
 Each trial writes trial.json; the summary (mean +- std over seeds, the paper's numbers beside) is
 printed and written to --json.
 
@@ -136,26 +138,34 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                       mmd_stage2=done2["mmd_stage2"], mmd_estimator=done2["mmd_estimator"])
         samplers.append((2, "samples", summary2))
 
-    # samples and their FID (10,000 test images as reference, fid.py's cached statistics)
+    # samples and their FID (10,000 test images as reference, fid.py's cached statistics), in the
+    # standard convention (x * 255) and, unless --no-minmax, the authors' (each generated image
+    # min-max rescaled first: the paper's numbers)
+    def score(npy, tag):
+        fids = {}
+        for flag, suffix in [("", ".fid.json")] + ([("--authors-minmax", ".fid-authors-minmax.json")] if minmax else []):
+            out = npy[:-len(".npy")] + suffix
+            if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
+                seconds[f"fid_{tag}{flag.replace('--', '_')}"] = run("fid.py", fid_common + ["--samples", npy] + ([flag] if flag else []), log)
+            fids["fid_minmax" if flag else "fid"] = read_json(out)["fid"]
+        return fids
+
     for stage, name, source in samplers:
         npy = os.path.join(d, f"{name}.npy")
         if not (newer(npy, source) and len(np.load(npy, mmap_mode="r")) == n_fid):
             seconds[f"sample_stage{stage}"] = run("sample.py", common + ["--stage", stage, "--n", n_fid, "--seed", seed], log)
-        conventions = [("", ".fid.json")] + ([("--authors-minmax", ".fid-authors-minmax.json")] if minmax and stage == 2 else [])
-        for flag, suffix in conventions:
-            out = os.path.join(d, name + suffix)
-            if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
-                fid_args = fid_common + ["--samples", npy] + ([flag] if flag else [])
-                seconds[f"fid_stage{stage}{flag.replace('--', '_')}"] = run("fid.py", fid_args, log)
-            key = ("fid_two_stage" if stage == 2 else "fid_one_stage") + ("_minmax" if flag else "")
-            record[key] = read_json(out)["fid"]
+        key, fids = "fid_two_stage" if stage == 2 else "fid_one_stage", score(npy, f"stage{stage}")
+        record[key] = fids["fid"]
+        if minmax:
+            record[key + "_minmax"] = fids["fid_minmax"]
     # the stage-2 budget curve: the same stage 1, with stage 2 as it was after e of its epochs, each
     # snapshot sampled and scored in a directory of its own, d/stage2_eNNNN/
     if loss == "learned-gamma" and stage2_curve:
         record["stage2_curve"] = []
         for e in stage2_curve:
             if e == e2:
-                point = {"loggamma_z": record["loggamma_z"], "fid": record["fid_two_stage"]}
+                point = {"loggamma_z": record["loggamma_z"], "fid": record["fid_two_stage"],
+                         **({"fid_minmax": record["fid_two_stage_minmax"]} if minmax else {})}
             else:
                 s, snap = os.path.join(d, f"stage2_e{e:04d}"), os.path.join(d, f"stage2_e{e:04d}.pt")
                 if not os.path.exists(snap):
@@ -163,15 +173,13 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 for src, name in ((ck1, "stage1.pt"), (snap, "stage2.pt")):
                     if not newer(os.path.join(s, name), src):
                         copy_atomic(src, os.path.join(s, name))
-                npy, out = os.path.join(s, "samples.npy"), os.path.join(s, "samples.fid.json")
+                npy = os.path.join(s, "samples.npy")
                 if not (newer(npy, os.path.join(s, "stage1.pt"), os.path.join(s, "stage2.pt"))
                         and len(np.load(npy, mmap_mode="r")) == n_fid):
                     seconds[f"sample_stage2_e{e}"] = run("sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
                                                          + (["--device", a.device] if a.device else []), log)
-                if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
-                    seconds[f"fid_stage2_e{e}"] = run("fid.py", fid_common + ["--samples", npy], log)
                 point = {"loggamma_z": load_checkpoint(os.path.join(s, "stage2.pt"))["model"]["loggamma_z"].item(),
-                         "fid": read_json(out)["fid"]}
+                         **score(npy, f"stage2_e{e}")}
             record["stage2_curve"].append({"stage2_epochs": e, **point})
     # training time from the checkpoints' own per-epoch record: it covers epochs trained in earlier
     # sessions or in the long run a snapshot came from, which `seconds` (this call's steps) does not
@@ -243,8 +251,10 @@ def plot_stage2_curve(points, path, n_fid, ref_n, data, stage1_epochs):
     import matplotlib.pyplot as plt
     e = [p["stage2_epochs"] for p in points]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(e, [p["fid"] for p in points], "s-", color="C1", label="2-stage FID")
-    ax.axhline(PAPER["two_stage"], color="C1", ls=":", label=f"the paper's 2-stage FID, {PAPER['two_stage']}")
+    ax.plot(e, [p["fid"] for p in points], "s-", color="C1", label="2-stage FID, standard (x*255)")
+    if "fid_minmax" in points[0]:  # the paper's convention, so the one to set beside its number
+        ax.plot(e, [p["fid_minmax"] for p in points], "^-", color="C2", label="2-stage FID, authors' min-max")
+    ax.axhline(PAPER["two_stage"], color="C2", ls=":", label=f"the paper's, {PAPER['two_stage']} (min-max, 10 seeds)")
     ax.set_xlabel("stage-2 epochs")
     ax.set_ylabel(f"FID ({n_fid} samples vs {ref_n} test images)")
     ax.set_xscale("log")
@@ -254,10 +264,10 @@ def plot_stage2_curve(points, path, n_fid, ref_n, data, stage1_epochs):
     ax2.plot(e, [p["loggamma_z"] for p in points], "k--", alpha=0.6, label="loggamma_z (right axis)")
     ax2.set_ylabel("loggamma_z")
     lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
-    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center", ncol=2, fontsize=8, frameon=False)
     ax.set_title(f"{data.upper() if data == 'mnist' else data}: 2-stage FID against the stage-2 budget "
                  f"(stage 1: {stage1_epochs} epochs)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path + ".tmp.png", dpi=120)
     os.replace(path + ".tmp.png", path)
 
@@ -271,7 +281,8 @@ def main(argv=None):
     p.add_argument("--stage1-epochs", type=int, default=400, help="the authors': 400")
     p.add_argument("--stage2-epochs", type=int, default=800, help="the authors': 800")
     p.add_argument("--n-fid", type=int, default=10000, help="samples per FID, against 10,000 test images (the paper's)")
-    p.add_argument("--no-minmax", action="store_true", help="skip the authors' min-max FID of the 2-stage samples")
+    p.add_argument("--no-minmax", action="store_true", help="skip the FIDs in the authors' per-image min-max convention "
+                   "(the paper's numbers used it; the standard x*255 FID is always computed)")
     p.add_argument("--curve", help="a long learned-gamma run directory whose snapshots stage1_eNNNN.pt give the budget curve")
     p.add_argument("--curve-epochs", default="", help="snapshot epochs for the curve, e.g. 5,10,20,40")
     p.add_argument("--curve-n-fid", type=int, default=5000, help="samples per FID on the curve")
@@ -340,9 +351,11 @@ def main(argv=None):
         if "fid_two_stage_minmax" in learned[0]:
             rows["two_stage"]["fid_minmax"] = float(np.mean([t["fid_two_stage_minmax"] for t in learned]))
     for loss, row in ROW.items():
-        got = [t["fid_one_stage"] for (l, _), t in trials.items() if l == loss]
+        got = [t for (l, _), t in trials.items() if l == loss]
         if got:
-            rows[row] = mean_std(got)
+            rows[row] = mean_std([t["fid_one_stage"] for t in got])
+            if "fid_one_stage_minmax" in got[0]:
+                rows[row]["fid_minmax"] = float(np.mean([t["fid_one_stage_minmax"] for t in got]))
     summary = {
         "budget": {**({"stage1_epochs": a.stage1_epochs, "stage2_epochs": a.stage2_epochs, "n_fid": a.n_fid} if trials else {}),
                    "seeds": a.seeds, "fid_reference": f"{a.fid_ref_n} test images, standard convention (x*255)",
@@ -361,7 +374,8 @@ def main(argv=None):
         summary["loggamma_x"] = float(np.mean([t["loggamma_x"] for t in learned]))
     if learned and stage2_curve:  # stage-2 epochs -> 2-stage FID, mean over the learned-gamma trials
         summary["stage2_curve"] = [{"stage2_epochs": e, **{k: float(np.mean([t["stage2_curve"][i][k] for t in learned]))
-                                                            for k in ("fid", "loggamma_z")}} for i, e in enumerate(stage2_curve)]
+                                                            for k in learned[0]["stage2_curve"][i] if k != "stage2_epochs"}}
+                                   for i, e in enumerate(stage2_curve)]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = read_json(path) or {}
     if a.json_key:  # one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
@@ -378,15 +392,17 @@ def main(argv=None):
     if rows:
         print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
               f"vs {a.fid_ref_n} test images (standard convention)")
-        print(f"{'row':<20} {'ours':>16} {'paper':>14}")
+        print(f"{'row':<20} {'ours':>16} {'ours, min-max':>14} {'paper (min-max)':>16}")
     for row, r in rows.items():
         ours = f"{r['fid']:.1f}" + (f" +- {r['std']:.1f}" if r["std"] is not None else "")
-        print(f"{row:<20} {ours:>16} {PAPER[row]:>7.1f} +- {PAPER_STD[row]}")
+        minmax = f"{r['fid_minmax']:.1f}" if "fid_minmax" in r else "-"
+        print(f"{row:<20} {ours:>16} {minmax:>14} {PAPER[row]:>9.1f} +- {PAPER_STD[row]}")
     if "mmd" in summary:
         print(f"Table 3 MMD to N(0, I): stage 1 {summary['mmd']['stage1']:.4f}, stage 2 {summary['mmd']['stage2']:.4f} "
               f"({summary['mmd']['estimator']}; the paper: 2.85 / 0.43, estimator not stated)")
     for c in summary.get("stage2_curve", []):
-        print(f"stage-2 curve: stage-2 epoch {c['stage2_epochs']:>4} | FID 2-stage {c['fid']:.1f}")
+        print(f"stage-2 curve: stage-2 epoch {c['stage2_epochs']:>4} | FID 2-stage {c['fid']:.1f}"
+              + (f" (min-max {c['fid_minmax']:.1f})" if "fid_minmax" in c else ""))
     for c in curve:
         print(f"curve: stage-1 epoch {c['stage1_epochs']:>4} | loggamma_x {c['loggamma_x']:.3f} | active dims {c['active_dims']} | "
               f"FID 1-stage {c['fid_one_stage']:.1f} | 2-stage {c['fid_two_stage']:.1f}")
