@@ -2,7 +2,7 @@
 
     python sample.py --data mnist              # 2-stage: u ~ N(0, I), z = z_hat(u) + gamma_z eps, x = x_hat(z)
     python sample.py --data mnist --stage 1    # the baseline the paper beats: z ~ N(0, I), x = x_hat(z)
-    python sample.py --data mnist --recon      # x_hat(z), z ~ q(z|x), for test images ('reconstruction FID')
+    python sample.py --data mnist --recon      # x_hat(z), z ~ q(z|x), for test images ('reconstruction FID'; stage 1 only)
     python fid.py --data mnist --samples runs/mnist/samples.npy
 
 Writes to --out (default runs/<data>): samples.npy (2-stage), samples_stage1.npy (--stage 1),
@@ -58,7 +58,7 @@ def main(argv=None):
     p.add_argument("--data", default="mnist", choices=sorted(stage1.SHAPES), help="data set (picks the default --out)")
     p.add_argument("--out", default=None, help="run directory holding stage1.pt / stage2.pt (default: runs/<data>)")
     p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="2: u -> z -> x; 1: z ~ N(0, I) -> x")
-    p.add_argument("--recon", action="store_true", help="reconstruct test images instead of sampling")
+    p.add_argument("--recon", action="store_true", help="reconstruct test images with stage 1 instead of sampling (--stage is then unused)")
     p.add_argument("--no-z-noise", action="store_true", help="2-stage with z = z_hat(u), no gamma_z noise: a diagnostic "
                    "for an undertrained stage 2 (the authors add the noise); writes samples_no_z_noise.npy")
     p.add_argument("--n", type=int, default=10000, help="number of images (the paper's FID uses 10,000)")

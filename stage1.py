@@ -1,9 +1,10 @@
 """Stage 1 of the Two-Stage VAE (Dai & Wipf, "Diagnosing and Enhancing VAE Models", ICLR 2019).
 
 A kappa-simple VAE (latent size kappa = 64) whose Gaussian decoder learns its own variance gamma
-(Definition 1, Sections 2-3). At the optimum gamma -> 0 (Theorem 3): the VAE reconstructs the data
-manifold of dimension r (d = pixels > r), and the encoder variances go to ~0 for the r latent
-dimensions the decoder uses and ~1 for the rest (Section 3 after eq. (9), Figure 1b). But the
+(Definition 1, Sections 2-3). At the optimum gamma -> 0 (Theorem 3), and the VAE then reconstructs
+every x on the data manifold of dimension r (d = pixels > r) from any z ~ q(z|x) (Theorem 4, eq.
+(7)); the encoder variances go to ~0 for the r latent dimensions the decoder uses and ~1 for the
+rest (Section 3 after eq. (9), Figure 1b, "Validation of Theorem 4"). But the
 measure on the manifold need not be learned, so the aggregate posterior q(z) need not be N(0, I)
 (eq. (10), read as "not approximately equal") and sampling z ~ N(0, I) gives poor images. Stage 2
 (stage2.py) fixes that.
@@ -182,9 +183,10 @@ class InfoganDecoder(nn.Module):
 
 
 class WaeEncoder(nn.Module):
-    """Table 2's architecture (64x64 RGB only). As in the authors' code: no spectral norm, and
-    sigma = exp(log sigma). PyTorch pads 5x5/2 convs symmetrically (2, 2) where TF 'same' pads (1, 2);
-    the decoder's transposed convs are likewise shifted by one pixel against TF's (same shapes)."""
+    """The 'WAE' network of Tolstikhin et al., which Table 2 uses (64x64 RGB only). As in the
+    authors' code: no spectral norm, and sigma = exp(log sigma). PyTorch pads 5x5/2 convs
+    symmetrically (2, 2) where TF 'same' pads (1, 2); the decoder's transposed convs are likewise
+    shifted by one pixel against TF's (same shapes)."""
 
     def __init__(self, channels, size, latent_dim):
         super().__init__()
@@ -272,12 +274,12 @@ def bernoulli_nll(x, x_hat):
     return -(x * x_hat.clamp_min(eps).log() + (1 - x) * (1 - x_hat).clamp_min(eps).log()).flatten(1).sum(1)
 
 
-# Exercise 2: the KL term of eq. (2), KL[N(mu, diag sigma^2) || N(0, I)] (2 KL is eq. (9)'s left side)
+# Exercise 2: the KL term of eq. (2), KL[N(mu, diag sigma^2) || N(0, I)] (2 KL + kappa is eq. (9)'s left side)
 def kl_standard_normal(mu, log_sigma):
     """KL[N(mu, diag sigma^2) || N(0, I)] for each example: sum over dimensions of
     (mu^2 + sigma^2 - 2 log sigma - 1) / 2; twice it is eq. (9)'s trace[Sigma_z] + |mu_z|^2 -
-    log|Sigma_z|, minus the constant kappa that eq. (9) drops. Written with log sigma, as the authors do; a log-variance
-    parameterisation gives the same number. Shapes: (B, kappa) -> (B,)."""
+    log|Sigma_z|, minus the constant kappa that eq. (9) drops. Written with log sigma, as the
+    authors do; a log-variance parameterisation gives the same number. Shapes: (B, kappa) -> (B,)."""
     return ((mu.square() + torch.exp(2 * log_sigma) - 2 * log_sigma - 1) / 2).sum(1)
 
 
@@ -407,8 +409,9 @@ def encode(model, images, batch=1000):
 
 @torch.inference_mode()
 def reconstruct(model, images, batch=500):
-    """x_hat(z), z ~ q(z|x), of uint8 images (N, C, H, W), BatchNorm in evaluation mode: the images
-    behind a 'reconstruction FID' (docs/protocol.md, "Sampling"). float (N, C, H, W) in [0, 1], CPU."""
+    """x_hat(z), z ~ q(z|x), of uint8 images (N, C, H, W), BatchNorm in evaluation mode: Theorem 4
+    says these approach x as gamma -> 0 whatever the draw; the images behind a 'reconstruction FID'
+    (docs/protocol.md, "Sampling"). float (N, C, H, W) in [0, 1], CPU."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -448,8 +451,8 @@ def main(argv=None):
     save_atomic(mu_z, os.path.join(out, "mu_z.npy"))
     save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
     save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
-    # Section 3 after eq. (9), Figure 1b: an encoder variance near 0 marks a dimension the decoder
-    # uses, near 1 one it ignores; the 0.5 cut-off between them is ours
+    # Theorem 4's analysis (Section 3 after eq. (9), Figure 1b): an encoder variance near 0 marks a
+    # dimension the decoder uses, near 1 one it ignores; their count estimates r; the 0.5 cut-off is ours
     summary = {"run_id": cfg["run_id"], "epoch": ckpt["epoch"],
                "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
                "active_dims": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}

@@ -7,8 +7,9 @@ q(z), and sampling goes u -> z -> x (sample.py).
     python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README.md, "Quick start")
     python stage2.py --data mnist              # the paper's protocol: 800 epochs, batch 64, Adam 1e-4
 
-Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py) and writes runs/<data>/stage2.pt and
-stage2.json (loggamma_z and Table 3's MMD of q(z) and q(u) to N(0, I)).
+Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py, and checked against its
+latents.json and stage1.pt, so that stage 2 never fits another run's latents) and writes
+runs/<data>/stage2.pt and stage2.json (loggamma_z and Table 3's MMD of q(z) and q(u) to N(0, I)).
 Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image
 (docs/protocol.md, "Between the stages"). The training loop is stage1.fit.
 """
@@ -25,8 +26,9 @@ from stage1 import (HelpWithDefaults, common_flags, die, fit, gaussian_nll, kl_s
 
 
 class MLP(nn.Module):
-    """depth x [dense width, ReLU], then the input concatenated back in before the output layers,
-    as in the authors' build_encoder2 / build_decoder2. Dense layers start as TF's default
+    """depth x [dense width, ReLU], then the input concatenated back in before the output layer,
+    as in the authors' build_encoder2 / build_decoder2; the output layer gives `outputs` vectors of
+    the input's size dim (the encoder 2: mu_u and log sigma_u; the decoder 1: z_hat). Dense layers start as TF's default
     (Glorot-uniform weights, zero biases), not PyTorch's; the encoder's mu_u and log sigma_u layers
     are one 2-kappa layer here, whose Glorot bound is 3 % smaller than two kappa layers'."""
 
@@ -55,9 +57,10 @@ class Stage2VAE(nn.Module):
         super().__init__()
         self.encoder = MLP(latent_dim, width, depth, outputs=2)  # -> mu_u, log sigma_u
         self.decoder = MLP(latent_dim, width, depth, outputs=1)  # -> z_hat (linear output)
-        # a standard deviation like stage 1's loggamma_x, init 0. Here d = r = kappa, so the
-        # (d - r) log gamma term that drives stage 1's gamma to 0 is absent (Section 4) and the cost
-        # is bounded below; a finite gamma_z is what we measure, not a result of the paper.
+        # the log of a standard deviation, like stage 1's loggamma_x, init 0. Here d = r = kappa, so
+        # the (d - r) log gamma term (the paper's gamma, a variance) that drives stage 1's gamma to 0
+        # is absent (Section 4) and the cost is bounded below; a finite gamma_z is what we measure,
+        # not a result of the paper.
         self.loggamma_z = nn.Parameter(torch.zeros(()))
 
     def encode(self, z):
@@ -72,8 +75,9 @@ def build_model(config):
 # Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (the authors' demo.py; docs/protocol.md, "Between the stages")
 def fresh_z(mu_z, sigma_z):
     """One new draw z = mu_z + sigma_z * eps for each row of a batch of stage 1's latents (B, kappa),
-    sigma_z a standard deviation. Called for every batch, so stage 2 sees q(z) = integral of
-    q(z|x) over the data, not one fixed z per image."""
+    sigma_z a standard deviation. The same draw as stage1.reparameterize; what matters here is
+    WHEN it happens: for every batch, so stage 2 sees q(z) = integral of q(z|x) over the data,
+    not one fixed z per image."""
     return mu_z + sigma_z * torch.randn_like(mu_z)
 
 
@@ -90,6 +94,7 @@ def stage2_loss(model, z):
 
 # ----------------------------------------------------------------------------------------------
 # Section 6, Table 3 and Figure 2: how far is each stage's aggregate posterior from N(0, I)?
+# (Figure 2's singular values of these sample matrices: theory.ipynb, section 3.)
 # The paper does not say which kernel or estimator its MMD used, so ours is written down here and
 # its values are comparable with each other (stage 1 vs stage 2), not with the paper's digits.
 
@@ -168,7 +173,7 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, help="hidden dense layers in encoder and decoder (default: 3, the authors')")
     p.add_argument("--fixed-z", action="store_true", default=None,
                    help="an experiment, not the method: draw ONE z per image before training and fit stage 2 to those "
-                        "(the authors draw a fresh z for every batch)")
+                        "(the authors draw a fresh z for every batch) (default: off; on --resume: the run's)")
     p.add_argument("--mmd-n", type=int, default=10000, help="samples per side for Table 3's MMD, computed after training")
     return p.parse_args(argv)
 
