@@ -326,22 +326,18 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
     first dimension indexes the examples; batch_loss(*batch) -> (loss, rec, kl) for one batch of
     each. Losses are summed on the device and read once per epoch: no host sync per step. After
     forecast_after seconds, one line says how long the run will take; then a progress line every
-    progress_every seconds (wall time)."""
+    progress_every seconds (wall time). The bookkeeping (progress, checkpoints) is at the end."""
     reuse_freed_memory()
     cfg = ckpt["config"]
-    snapshots = {int(e) for e in cfg.get("snapshots", "").split(",") if e.strip()}
     device = next(model.parameters()).device
-    loggamma = getattr(model, loggamma_name)
     n, batch = len(data[0]), cfg["batch_size"]
     steps = n // batch
     if steps == 0:
         die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size or raise --limit")
-    start, forecast_said = ckpt["epoch"], False
-    snapshot = lambda epoch: f"{os.path.splitext(path)[0]}_e{epoch:04d}.pt"  # kept copies, e.g. for FID against epochs
-    if start in snapshots and start < cfg["epochs"] and not os.path.exists(snapshot(start)):
-        copy_atomic(path, snapshot(start))  # listed only after that epoch was trained
-    for epoch in range(start, cfg["epochs"]):
-        t0 = last_print = time.time()
+    keep_start_snapshot(ckpt, path)
+    progress = progress_printer(cfg, ckpt["epoch"], steps, device, progress_every, forecast_after)
+    for epoch in range(ckpt["epoch"], cfg["epochs"]):
+        t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg["lr"], cfg["lr_epochs"])
         model.train()
@@ -354,37 +350,9 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
             loss.backward()
             opt.step()
             totals += torch.stack([loss.detach(), rec.detach(), kl.detach()])
-            now = time.time()  # wall time only: no sync, so on a GPU this runs ahead by its queue
-            if i == 0:
-                t1 = now  # the first step is slow (allocations, kernel choices): rates count from its end
-            if now - last_print >= (progress_every if forecast_said else forecast_after) and 0 < i < steps - 1:
-                last_print = now
-                rate = i / max(now - t1, 1e-9)  # steps per second in this epoch, after its first step
-                run_left = (steps - i - 1 + (cfg["epochs"] - epoch - 1) * steps) / rate
-                if not forecast_said:
-                    forecast_said = True
-                    total = (cfg["epochs"] - start) * steps / rate
-                    left = cfg["epochs"] - start
-                    print(f"speed: {rate * batch:.0f} img/s, so an epoch takes about {fmt_time(steps / rate)} and "
-                          f"{'these ' + str(left) + ' epochs' if left > 1 else 'the run'} about {fmt_time(total)} on {device.type}"
-                          + ("; for a shorter run pass --epochs N" if total > 3600 else ""), flush=True)
-                else:
-                    print(f"  epoch {epoch + 1}/{cfg['epochs']} | step {i + 1}/{steps} | {rate * batch:.0f} img/s | "
-                          f"epoch ETA {fmt_time((steps - i - 1) / rate)} | run ETA {fmt_time(run_left)}", flush=True)
-        loss, rec, kl = (totals / steps).tolist()  # the one host sync of the epoch
-        if not all(math.isfinite(v) for v in (loss, rec, kl)) or not torch.isfinite(loggamma).item():
-            die(f"training diverged in epoch {epoch + 1} (loss {loss}, {loggamma_name} {loggamma.item()}); "
-                f"{path} still holds epoch {ckpt['epoch']}; fix: start afresh in a new --out with a lower --lr or another --seed")
-        seconds = time.time() - t0
-        ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
-                                loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
-        ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
-        if epoch + 1 in snapshots:  # before the checkpoint: a kill in between must not lose the snapshot
-            save_atomic(ckpt, snapshot(epoch + 1))
-        save_atomic(ckpt, path)
-        print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
-              f"{loggamma_name} {loggamma.item():.4f} | {steps * batch / seconds:.0f} img/s | "
-              f"ETA {fmt_time(seconds * (cfg['epochs'] - epoch - 1))}", flush=True)
+            progress(epoch, i)
+        means = (totals / steps).tolist()  # loss, rec, kl: the one host sync of the epoch
+        end_epoch(model, opt, ckpt, path, loggamma_name, epoch, means, time.time() - t0, steps * batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,6 +521,69 @@ def versions():
 def fmt_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def snapshot_path(path, epoch):
+    return f"{os.path.splitext(path)[0]}_e{epoch:04d}.pt"  # kept copies of a checkpoint, e.g. for FID against epochs
+
+
+def snapshot_epochs(cfg):
+    return {int(e) for e in cfg.get("snapshots", "").split(",") if e.strip()}
+
+
+def keep_start_snapshot(ckpt, path):
+    """A snapshot epoch listed (--snapshots on --resume) only after that epoch was trained: copy it now."""
+    cfg, start = ckpt["config"], ckpt["epoch"]
+    if start in snapshot_epochs(cfg) and start < cfg["epochs"] and not os.path.exists(snapshot_path(path, start)):
+        copy_atomic(path, snapshot_path(path, start))
+
+
+def progress_printer(cfg, start, steps, device, progress_every, forecast_after):
+    """progress(epoch, i), called after step i: once, after forecast_after seconds, the whole run's
+    forecast; then a line every progress_every seconds. Wall time only, no sync (on a GPU it runs
+    ahead by its queue); rates count from the end of an epoch's first step (allocations, kernel
+    choices make it slow)."""
+    batch, state = cfg["batch_size"], {"forecast_said": False}
+
+    def progress(epoch, i):
+        now = time.time()
+        if i == 0:
+            state["t1"] = state["last_print"] = now
+            return
+        if now - state["last_print"] < (progress_every if state["forecast_said"] else forecast_after) or i >= steps - 1:
+            return
+        state["last_print"] = now
+        rate = i / max(now - state["t1"], 1e-9)  # steps per second in this epoch, after its first step
+        if not state["forecast_said"]:
+            state["forecast_said"] = True
+            total, left = (cfg["epochs"] - start) * steps / rate, cfg["epochs"] - start
+            print(f"speed: {rate * batch:.0f} img/s, so an epoch takes about {fmt_time(steps / rate)} and "
+                  f"{'these ' + str(left) + ' epochs' if left > 1 else 'the run'} about {fmt_time(total)} on {device.type}"
+                  + ("; for a shorter run pass --epochs N" if total > 3600 else ""), flush=True)
+        else:
+            run_left = (steps - i - 1 + (cfg["epochs"] - epoch - 1) * steps) / rate
+            print(f"  epoch {epoch + 1}/{cfg['epochs']} | step {i + 1}/{steps} | {rate * batch:.0f} img/s | "
+                  f"epoch ETA {fmt_time((steps - i - 1) / rate)} | run ETA {fmt_time(run_left)}", flush=True)
+    return progress
+
+
+def end_epoch(model, opt, ckpt, path, loggamma_name, epoch, means, seconds, images):
+    """After an epoch: refuse a diverged run (the checkpoint keeps the last good epoch), record the
+    epoch's mean loss terms, write the snapshot (if listed) and then the checkpoint, both
+    atomically, and print the epoch's line."""
+    cfg, (loss, rec, kl), loggamma = ckpt["config"], means, getattr(model, loggamma_name)
+    if not all(math.isfinite(v) for v in means) or not torch.isfinite(loggamma).item():
+        die(f"training diverged in epoch {epoch + 1} (loss {loss}, {loggamma_name} {loggamma.item()}); "
+            f"{path} still holds epoch {ckpt['epoch']}; fix: start afresh in a new --out with a lower --lr or another --seed")
+    ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
+                            loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
+    ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
+    if epoch + 1 in snapshot_epochs(cfg):  # before the checkpoint: a kill in between must not lose the snapshot
+        save_atomic(ckpt, snapshot_path(path, epoch + 1))
+    save_atomic(ckpt, path)
+    print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
+          f"{loggamma_name} {loggamma.item():.4f} | {images / seconds:.0f} img/s | "
+          f"ETA {fmt_time(seconds * (cfg['epochs'] - epoch - 1))}", flush=True)
 
 
 def load_checkpoint(path):
