@@ -240,9 +240,26 @@ def _load_inception(weights, device):
         raise ValueError(f"{weights} is not pytorch-fid's FID Inception state_dict (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); fix: use {WEIGHTS_NAME}")
     model.weights_file = str(weights)
+    fold_batchnorm(model)
     # channels_last (NHWC) lets oneDNN / cuDNN pick their fast convolutions: 14.6 -> 21.9 images/s on
     # this 2-core CPU (64 MNIST digits, 2026-11-24); the features are the same to float rounding
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def fold_batchnorm(model):
+    """Inference only: each BasicConv2d's BatchNorm (fixed statistics) becomes the conv's scale and
+    bias, w' = w s, b = beta - mean s, s = gamma / sqrt(var + eps): the same function, one pass
+    over the activations fewer. Features within 1e-5 of the unfolded network's; 13.5-14.0 -> 15.6-15.9
+    images/s on 2 CPU cores (results/README.md, "Speed")."""
+    for m in model.modules():
+        if isinstance(m, BasicConv2d):
+            conv, bn = m.conv, m.bn
+            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
+            folded.weight.copy_(conv.weight * s[:, None, None, None])
+            folded.bias.copy_(bn.bias - bn.running_mean * s)
+            m.conv, m.bn = folded, nn.Identity()
 
 # -----------------------------------------------------------------------------
 # input pipeline (TTUR): [0, 255] floats -> grey to RGB -> TF legacy bilinear 299x299 -> (x - 128) / 128
