@@ -169,16 +169,18 @@ def test_celeba_loader_crops_and_resizes_like_the_authors(tmp_path, monkeypatch)
     assert stage1.load_images("celeba", str(tmp_path), train=False).shape == (2, 3, 64, 64)
 
 
-def test_missing_data_offline_is_one_clear_error(tmp_path, capsys):
-    # in this process: a one-line error through the real command line is tested with stage2.py below
+def test_missing_data_offline_is_one_clear_error(tmp_path, monkeypatch):
+    # in this process: a one-line error through the real command line is tested with stage2.py below.
+    # Every download fails, as offline, whether or not this machine can reach the mirrors.
+    import torchvision.datasets.mnist as tv_mnist
+    from urllib.error import URLError
+
+    def offline(url, *a, **k):
+        raise URLError(f"offline (test): {url}")
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
     argv = ["--data", "fashion", "--data-root", tmp_path / "nothing", "--out", tmp_path / "run", "--epochs", 1]
-    try:
-        message = refused(stage1.main, argv)
-    except pytest.fail.Exception:
-        if "Downloading" in capsys.readouterr().out:
-            pytest.skip("this machine is online: torchvision downloaded Fashion-MNIST")
-        raise
-    assert "FashionMNIST/raw" in message and "--data-root" in message
+    message = refused(stage1.main, argv)
+    assert "FashionMNIST/raw" in message and "--data-root" in message and "downloading it failed" in message
     assert not (tmp_path / "run").exists()
 
 
@@ -201,6 +203,33 @@ def test_losses_match_closed_forms():
     assert torch.all(stage1.kl_standard_normal(torch.zeros(2, 3), torch.zeros(2, 3)) == 0)
     b = torch.distributions.Bernoulli(probs=x_hat, validate_args=False)  # continuous x in [0, 1]
     torch.testing.assert_close(stage1.bernoulli_nll(x, x_hat), -b.log_prob(x).flatten(1).sum(1))
+    # a saturated sigmoid (x_hat exactly 0 or 1 on the wrong pixel) costs -log(1e-8), the authors' clamp, not inf
+    torch.testing.assert_close(stage1.bernoulli_nll(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])),
+                               torch.tensor([-2 * math.log(1e-8)]))
+
+
+def test_stage2_loss_matches_closed_form():
+    """eq. (2) for stage 2 with z in place of x: the Gaussian -log p(z|u) with gamma_z a standard
+    deviation, the KL of q(u|z) to N(0, I), one reparameterised u per row; against torch.distributions."""
+    torch.manual_seed(0)
+    model = stage2.Stage2VAE(latent_dim=4, width=8, depth=1)
+    with torch.no_grad():
+        model.loggamma_z.fill_(-0.3)
+    z = torch.randn(6, 4) * 2
+    torch.manual_seed(1)
+    loss, rec, kl = stage2.stage2_loss(model, z)
+    torch.manual_seed(1)  # the same eps: u = mu_u + sigma_u * eps, drawn as the loss draws it
+    with torch.no_grad():
+        mu_u, log_sigma_u = model.encoder(z).chunk(2, dim=1)
+        u = mu_u + log_sigma_u.exp() * torch.randn_like(mu_u)
+        expected_rec = -torch.distributions.Normal(model.decoder(u), math.exp(-0.3)).log_prob(z).sum(1).mean()
+        q, p = torch.distributions.Normal(mu_u, log_sigma_u.exp()), torch.distributions.Normal(0.0, 1.0)
+        expected_kl = torch.distributions.kl_divergence(q, p).sum(1).mean()
+    torch.testing.assert_close(rec.detach(), expected_rec)
+    torch.testing.assert_close(kl.detach(), expected_kl)
+    torch.testing.assert_close(loss.detach(), expected_rec + expected_kl)
+    loss.backward()  # the reparameterised draw: the loss reaches the encoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
 
 @pytest.mark.parametrize("data", ["mnist", "cifar10", "celeba"])
@@ -257,10 +286,11 @@ def test_fit_shows_progress_and_the_runs_length(tmp_path, capsys):
     model = torch.nn.Linear(2, 2)
     model.loggamma_x = torch.nn.Parameter(torch.zeros(()))
     opt = torch.optim.Adam(model.parameters())
-    ckpt = {"config": {"batch_size": 2, "epochs": 3, "lr": 1e-4, "lr_epochs": 150}, "epoch": 1, "history": []}
+    ckpt = {"config": {"batch_size": 2, "epochs": 3, "lr": 1e-4, "lr_epochs": 1}, "epoch": 1, "history": []}
     batch_loss = lambda x: (model(x).square().mean(),) * 3
     stage1.fit(model, opt, ckpt, (torch.randn(10, 2),), batch_loss, str(tmp_path / "c.pt"), "loggamma_x",
                progress_every=0.0, forecast_after=0.0)
+    assert [h["lr"] for h in ckpt["history"]] == [5e-5, 2.5e-5]  # halved every lr_epochs (here 1) from epoch 0 on
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"speed: \d+ img/s, so an epoch takes about \d+m\d\ds and these 2 epochs about \d+m\d\ds on cpu", lines[0])
     progress = [l for l in lines if l.startswith("  epoch")]
@@ -366,6 +396,12 @@ def test_stage1_writes_checkpoint_snapshot_latents(tiny):
     mu_z, sigma_z = np.load(run_dir / "mu_z.npy"), np.load(run_dir / "sigma_z.npy")
     assert mu_z.shape == sigma_z.shape == (256, 8) and mu_z.dtype == sigma_z.dtype == np.float32
     assert np.isfinite(mu_z).all() and (sigma_z > 0).all()
+    # they are q(z|x) of the first 256 training digits with BatchNorm in evaluation mode, sigma not sigma^2
+    vae, _ = sample.load_model(run_dir / "stage1.pt", stage1.build_model, "cpu", "stage1")
+    with torch.no_grad():
+        mu, _, sigma = vae.eval().encoder(stage1.load_images("mnist", tiny.root)[:256].float() / 255)
+    np.testing.assert_allclose(mu_z, mu.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sigma_z, sigma.numpy(), rtol=1e-5, atol=1e-6)
     assert (run_dir / "stage1_recon.png").stat().st_size > 0
     latents = json.loads((run_dir / "latents.json").read_text())  # what stage2.py and results/table1.py read
     assert latents["run_id"] == ck["config"]["run_id"] and latents["epoch"] == 2
@@ -380,7 +416,15 @@ def test_stage2_writes_checkpoint_and_table3(tiny):
     assert ck2["model"]["loggamma_z"].item() != 0 and np.isfinite(ck2["history"][-1]["loss"])  # loggamma_z is learned too
     summary2 = json.loads((tiny.dir / "stage2.json").read_text())  # Table 3's numbers, after training
     assert summary2["epoch"] == 2 and summary2["loggamma_z"] == ck2["model"]["loggamma_z"].item()
-    assert "n = 256" in summary2["mmd_estimator"] and all(np.isfinite([summary2["mmd_stage1"], summary2["mmd_stage2"]]))
+    assert "n = 256" in summary2["mmd_estimator"]
+    # Table 3's two numbers are the MMDs of q(z) and of q(u), in that order, from the trained stage 2
+    # (both functions are checked on their own below)
+    vae2, _ = sample.load_model(tiny.dir / "stage2.pt", stage2.build_model, "cpu", "stage2")
+    mu_z, sigma_z = (torch.from_numpy(np.load(tiny.dir / f"{n}.npy")) for n in ("mu_z", "sigma_z"))
+    z, u = stage2.aggregate_posterior_samples(vae2.eval(), mu_z, sigma_z, 256)
+    assert summary2["mmd_stage1"] == pytest.approx(stage2.mmd_to_standard_normal(z), rel=1e-6)
+    assert summary2["mmd_stage2"] == pytest.approx(stage2.mmd_to_standard_normal(u), rel=1e-6)
+    assert summary2["mmd_stage1"] != pytest.approx(summary2["mmd_stage2"], rel=1e-3)
 
 
 def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path):
@@ -395,8 +439,10 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path):
         assert 0 <= x.min() and x.max() <= 1 and x.std() > 0
         assert (run_dir / f"{name}.png").stat().st_size > 0
         fid.as_nchw(x)  # what sample.py writes, fid.py accepts
-    # the same u (same seed) with and without the gamma_z eps term: different images
+    # the same u (same seed) with and without the gamma_z eps term: different images; and --stage 1
+    # decodes z ~ N(0, I), not stage 2's z
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_no_z_noise.npy"))
+    assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_stage1.npy"))
     # stage 1 trained on: stage2.pt no longer fits it, and sampling says so
     stage1.main(["--out", str(run_dir), "--resume", "--epochs", "3", "--data-root", tiny.root])
     assert "stage2.py --out" in refused(sample.main, ["--data", "mnist", "--out", run_dir, "--n", 4])
@@ -487,6 +533,12 @@ def test_aggregate_posterior_samples_draw_from_both_posteriors():
     assert z.mean().item() == pytest.approx(2.0, abs=0.02) and z.std().item() == pytest.approx(0.5, rel=0.02)
     # u = z / 2 + 0.3 eps: mean 1, variance 0.25^2 + 0.3^2
     assert u.mean().item() == pytest.approx(1.0, abs=0.02) and u.std().item() == pytest.approx((0.0625 + 0.09) ** 0.5, rel=0.02)
+
+
+def test_table1_rows_are_mean_and_sample_std_over_trials():
+    row = table1.mean_std([10.0, 12.0, 17.0])
+    assert row["fid"] == 13.0 and row["std"] == pytest.approx(math.sqrt(13.0)) and row["n_trials"] == 3  # ddof 1
+    assert table1.mean_std([5.0]) == {"fid": 5.0, "std": None, "n_trials": 1, "values": [5.0]}
 
 
 def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypatch, capsys):
@@ -824,6 +876,12 @@ def test_fid_reference_cache_round_trip(inception, tmp_path, monkeypatch):
                                     batch_size=16, progress=False)
     files = list(cache.iterdir())
     assert [p.name for p in files] == [f"mnist-test-n16-seed{fid.REF_SEED}-{fid.PREPROC}.npz"]  # no tmp left
+    # the set: the first 16 of a seeded permutation of the 10,000 TEST digits (not the first 16 digits)
+    test_digits = fid.load_reference_images("mnist", "test", str(DATA_ROOT))
+    idx = np.random.default_rng(fid.REF_SEED).permutation(10000)[:16]
+    mu_idx, _ = fid.statistics(fid.features(test_digits[idx], inception, 16, progress=False))
+    np.testing.assert_allclose(mu, mu_idx, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(mu, fid.statistics(fid.features(test_digits[:16], inception, 16, progress=False))[0])
     mtime = files[0].stat().st_mtime_ns
 
     def no_features(*a, **k):
@@ -860,9 +918,11 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
         "fid.py: error: nan.npy: images contain NaN or inf; fix: check the sampler's output"]
 
 
-def test_fid_cli_samples_writes_json_and_reuses_cache(tmp_path, monkeypatch, capsys):
+def test_fid_cli_samples_writes_json_and_reuses_cache(inception, tmp_path, monkeypatch, capsys):
     need(FID_WEIGHTS)
-    np.save(tmp_path / "samples.npy", (mnist_digits(24)[16:] / 255).astype(np.float32))  # float in [0, 1]
+    # float in [0, 1], at half contrast, so that the authors' per-image min-max rescaling changes them
+    samples = (mnist_digits(24)[16:] / 255 * 0.5).astype(np.float32)
+    np.save(tmp_path / "samples.npy", samples)
     common = ["--data", "mnist", "--n", 16, "--data-root", need(DATA_ROOT), "--cache", "stats",
               "--inception", FID_WEIGHTS, "--batch-size", 16]
     r = run("fid.py", "--samples", "samples.npy", *common, cwd=tmp_path, check=False)
@@ -874,10 +934,19 @@ def test_fid_cli_samples_writes_json_and_reuses_cache(tmp_path, monkeypatch, cap
     assert {"torch", "numpy", "python"} <= set(res["versions"]) and res["date"]
     (stats,) = (tmp_path / "stats").iterdir()
     mtime = stats.stat().st_mtime_ns
+    # the number: the Frechet distance of the samples' pool_3 statistics (x * 255) to the cached reference
+    with np.load(stats) as ref:
+        mu_r, s_r = ref["mu"], ref["sigma"]
+    def expected(minmax):
+        mu_g, s_g = fid.statistics(fid.features(samples, inception, 8, authors_minmax=minmax, progress=False))
+        return fid.frechet_distance(mu_g, s_g, mu_r, s_r)
+    assert res["fid"] == pytest.approx(expected(False), rel=1e-6)
     monkeypatch.chdir(tmp_path)  # a second run, in this process (the command line was tested above)
     fid.main([str(a) for a in ["--samples", "samples.npy", "--authors-minmax", *common]])
     assert "(authors-minmax:" in capsys.readouterr().out and stats.stat().st_mtime_ns == mtime     # cache reused
-    assert json.loads((tmp_path / "samples.fid-authors-minmax.json").read_text())["convention"].startswith("authors")
+    minmax = json.loads((tmp_path / "samples.fid-authors-minmax.json").read_text())
+    assert minmax["convention"].startswith("authors") and minmax["fid"] == pytest.approx(expected(True), rel=1e-6)
+    assert minmax["fid"] != pytest.approx(res["fid"], rel=1e-3)  # the rescaling reached the features
 
 
 def test_fid_cli_missing_weights_is_one_clear_line(tmp_path, monkeypatch):

@@ -32,6 +32,13 @@ def close(a, b, rtol=1e-5, atol=1e-6):
     return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
+def offdiag_corr(samples):
+    """Largest |correlation| between two different columns of samples (N, k): about 1/sqrt(N) for
+    independent noise, 1 when two columns share it."""
+    c = torch.corrcoef(samples.T.double())
+    return (c - torch.diag(torch.diag(c))).abs().max().item()
+
+
 # ---------------------------------------------------------------------------------------------
 # Exercise 1: stage1.gaussian_nll, eq. (8)
 
@@ -111,6 +118,8 @@ def test_ex3_reparameterize():
           "or a detached sample (the reparameterisation trick)")
     z.sum().backward()
     eps = ((z - mu) / sigma).detach()
+    check(offdiag_corr(eps) < 0.05, 3, "the noise of different dimensions is correlated: eps ~ N(0, I) needs one "
+          "independent value per entry (torch.randn_like(mu)), not one value per row")
     check(mu.grad is not None and close(mu.grad, torch.ones_like(mu)), 3, "dz/dmu must be 1")
     check(sigma.grad is not None and close(sigma.grad, eps), 3, "dz/dsigma must be the noise eps")
     z2 = stage1.reparameterize(mu, sigma)
@@ -250,6 +259,9 @@ def test_ex6_fresh_z_for_every_batch():
     check(close(draws.mean(0), mu_z, atol=0.06, rtol=0), 6, "the draws' mean must be mu_z")
     check(close(draws.std(0), sigma_z, rtol=0.05, atol=1e-3), 6,
           f"the draws' standard deviation must be sigma_z (got {draws.std(0).tolist()}; sigma_z^2 or sqrt used?)")
+    eps = ((draws - mu_z) / sigma_z).flatten(1)  # (4000, 4): both rows' noise, both dimensions
+    check(offdiag_corr(eps) < 0.08, 6, "the noise is shared between rows or dimensions of a batch: each image "
+          "needs its own eps (torch.randn_like(mu_z)), or stage 2 sees correlated z")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,10 +296,24 @@ def test_ex7_two_stage_sampling():
     u = torch.cat(vae2.seen)
     check(u.shape == (5000, kappa) and close(u.mean(), 0.0, atol=0.05) and close(u.std(), 1.0, rtol=0.03), 7,
           "stage 2's decoder must get u ~ N(0, I)")
+    check(len(torch.unique(u, dim=0)) == 5000 and offdiag_corr(u) < 0.06, 7,
+          "u must be a fresh, independent N(0, I) draw for every image and dimension (not reused across batches)")
     check(close(z.mean(), 3.0, atol=0.03), 7, "z must be centred on z_hat(u)")
     check(not close(z.std(), 0.0, atol=1e-3), 7, "z = z_hat(u) exactly: the sampling rule adds gamma_z * eps")
     check(close(z.std(), 0.5, rtol=0.03), 7, f"z's noise must have standard deviation gamma_z = exp(loggamma_z) = 0.5, "
           f"got {z.std().item():.3f} (gamma_z^2 = 0.25? exp(loggamma_z / 2) = 0.71?)")
+    check(offdiag_corr(z) < 0.06, 7, "z's noise is shared between dimensions: gamma_z * eps needs eps ~ N(0, I)")
+    # with and without the noise, the same seed gives the same u (the eps is drawn either way), so
+    # sample.py --no-z-noise compares like with like
+    vae2.seen.clear()
+    torch.manual_seed(70)
+    sample.generate(vae1, vae2, 600, 200, "cpu")
+    with_noise = torch.cat(vae2.seen)
+    vae2.seen.clear()
+    torch.manual_seed(70)
+    sample.generate(vae1, vae2, 600, 200, "cpu", z_noise=False)
+    check(torch.equal(with_noise, torch.cat(vae2.seen)), 7, "z_noise=False drew other u than z_noise=True with the "
+          "same seed: draw eps in both cases (and use it only with the noise), so the two modes share u")
     vae2.seen.clear()
     plain = sample.generate(vae1, vae2, 10, 4, "cpu", z_noise=False)
     check(torch.equal(plain, torch.full_like(plain, 3.0)), 7, "z_noise=False must give z = z_hat(u), no noise")
