@@ -358,7 +358,8 @@ def main(argv=None):
                 rows[row]["fid_minmax"] = float(np.mean([t["fid_one_stage_minmax"] for t in got]))
     summary = {
         "budget": {**({"stage1_epochs": a.stage1_epochs, "stage2_epochs": a.stage2_epochs, "n_fid": a.n_fid} if trials else {}),
-                   "seeds": a.seeds, "fid_reference": f"{a.fid_ref_n} test images, standard convention (x*255)",
+                   "seeds": a.seeds, "fid_reference": f"{a.fid_ref_n} test images; fid: standard convention (x*255)"
+                   + (", fid_minmax: the authors' per-image min-max" if trials and not a.no_minmax else ""),
                    **({"curve_stage2_epochs": a.stage2_epochs, "curve_n_fid": a.curve_n_fid} if curve else {})},
         "machine": machine(), "date": datetime.date.today().isoformat(), "versions": versions(),
         "command": "python results/table1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -391,7 +392,7 @@ def main(argv=None):
 
     if rows:
         print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
-              f"vs {a.fid_ref_n} test images (standard convention)")
+              f"vs {a.fid_ref_n} test images (ours: standard convention x*255, and the authors' min-max)")
         print(f"{'row':<20} {'ours':>16} {'ours, min-max':>14} {'paper (min-max)':>16}")
     for row, r in rows.items():
         ours = f"{r['fid']:.1f}" + (f" +- {r['std']:.1f}" if r["std"] is not None else "")
