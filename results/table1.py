@@ -217,57 +217,51 @@ def machine():
 
 
 def plot_curve(curve, path, ref_n, data):
-    """FID of both samplers and loggamma_x against stage-1 epochs (matplotlib, only for this plot)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    e = [p["stage1_epochs"] for p in curve]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(e, [p["fid_one_stage"] for p in curve], "o-", label="1-stage: z ~ N(0, I)")
-    ax.plot(e, [p["fid_two_stage"] for p in curve], "s-", label="2-stage: u -> z -> x")
-    ax.set_xlabel("stage-1 epochs")
-    ax.set_ylabel(f"FID ({curve[0]['n_fid']} samples vs {ref_n} test images)")
-    ax.set_xscale("log")
-    ax.set_xticks(e, [str(x) for x in e])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax2 = ax.twinx()
-    ax2.plot(e, [p["loggamma_x"] for p in curve], "k--", alpha=0.6, label="loggamma_x (right axis)")
-    ax2.set_ylabel("loggamma_x")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center", ncol=3, fontsize=8, frameon=False)
-    ax.set_title(f"{data.upper() if data == 'mnist' else data}: FID and loggamma_x against the stage-1 budget "
-                 f"(stage 2: {curve[0]['stage2_epochs']} epochs)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))  # the legend below the axes, clear of the curves
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    """FID of both samplers and loggamma_x against stage-1 epochs."""
+    fid_plot(path, [p["stage1_epochs"] for p in curve], "stage-1 epochs", f"FID ({curve[0]['n_fid']} samples vs {ref_n} test images)",
+             [([p["fid_one_stage"] for p in curve], "o-", {"label": "1-stage: z ~ N(0, I)"}),
+              ([p["fid_two_stage"] for p in curve], "s-", {"label": "2-stage: u -> z -> x"})],
+             ("loggamma_x", [p["loggamma_x"] for p in curve]),
+             f"{data.upper() if data == 'mnist' else data}: FID and loggamma_x against the stage-1 budget "
+             f"(stage 2: {curve[0]['stage2_epochs']} epochs)", ncol=3, bottom=0.06)
 
 
 def plot_stage2_curve(points, path, n_fid, ref_n, data, stage1_epochs):
     """2-stage FID and loggamma_z against stage-2 epochs for one stage-1 budget (means over the seeds):
     the paper never shows how much of the 2-stage FID is the stage-2 budget."""
+    lines = [([p["fid"] for p in points], "s-", {"color": "C1", "label": "2-stage FID, standard (x*255)"})]
+    if "fid_minmax" in points[0]:  # the paper's convention, so the one to set beside its number
+        lines.append(([p["fid_minmax"] for p in points], "^-", {"color": "C2", "label": "2-stage FID, authors' min-max"}))
+    fid_plot(path, [p["stage2_epochs"] for p in points], "stage-2 epochs", f"FID ({n_fid} samples vs {ref_n} test images)",
+             lines, ("loggamma_z", [p["loggamma_z"] for p in points]),
+             f"{data.upper() if data == 'mnist' else data}: 2-stage FID against the stage-2 budget "
+             f"(stage 1: {stage1_epochs} epochs)", ncol=2, bottom=0.1,
+             paper=(PAPER["two_stage"], {"color": "C2", "ls": ":", "label": f"the paper's, {PAPER['two_stage']} (min-max, 10 seeds)"}))
+
+
+def fid_plot(path, epochs, xlabel, ylabel, lines, right, title, ncol, bottom, paper=None):
+    """FID curves against epochs on a log axis, a loggamma on the right axis (dashed), the legend
+    below the axes, clear of the curves; written atomically (matplotlib, only for these plots)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    e = [p["stage2_epochs"] for p in points]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(e, [p["fid"] for p in points], "s-", color="C1", label="2-stage FID, standard (x*255)")
-    if "fid_minmax" in points[0]:  # the paper's convention, so the one to set beside its number
-        ax.plot(e, [p["fid_minmax"] for p in points], "^-", color="C2", label="2-stage FID, authors' min-max")
-    ax.axhline(PAPER["two_stage"], color="C2", ls=":", label=f"the paper's, {PAPER['two_stage']} (min-max, 10 seeds)")
-    ax.set_xlabel("stage-2 epochs")
-    ax.set_ylabel(f"FID ({n_fid} samples vs {ref_n} test images)")
+    for values, style, kw in lines:
+        ax.plot(epochs, values, style, **kw)
+    if paper:
+        ax.axhline(paper[0], **paper[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_xscale("log")
-    ax.set_xticks(e, [str(x) for x in e])
+    ax.set_xticks(epochs, [str(x) for x in epochs])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax2 = ax.twinx()
-    ax2.plot(e, [p["loggamma_z"] for p in points], "k--", alpha=0.6, label="loggamma_z (right axis)")
-    ax2.set_ylabel("loggamma_z")
-    lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
-    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center", ncol=2, fontsize=8, frameon=False)
-    ax.set_title(f"{data.upper() if data == 'mnist' else data}: 2-stage FID against the stage-2 budget "
-                 f"(stage 1: {stage1_epochs} epochs)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    ax2.plot(epochs, right[1], "k--", alpha=0.6, label=f"{right[0]} (right axis)")
+    ax2.set_ylabel(right[0])
+    handles, handles2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    fig.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path + ".tmp.png", dpi=120)
     os.replace(path + ".tmp.png", path)
 
