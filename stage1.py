@@ -514,6 +514,18 @@ def copy_atomic(src, dst):
     os.replace(dst + ".tmp", dst)
 
 
+def link_atomic(src, dst):
+    """dst becomes a second name of the file src (a hard link; a copy where the file system has
+    none), through a temporary name. Safe because nothing here writes into an existing file:
+    save_atomic writes a new one and renames it, so the next checkpoint leaves src as it was."""
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
+        os.link(src, tmp)
+    except OSError:  # FAT, some network shares
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def versions():
     return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
@@ -578,9 +590,11 @@ def end_epoch(model, opt, ckpt, path, loggamma_name, epoch, means, seconds, imag
     ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
                             loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
     ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
-    if epoch + 1 in snapshot_epochs(cfg):  # before the checkpoint: a kill in between must not lose the snapshot
-        save_atomic(ckpt, snapshot_path(path, epoch + 1))
-    save_atomic(ckpt, path)
+    if epoch + 1 in snapshot_epochs(cfg):  # the snapshot first (a kill in between must not lose it), then
+        save_atomic(ckpt, snapshot_path(path, epoch + 1))  # the checkpoint as a link to it: one write
+        link_atomic(snapshot_path(path, epoch + 1), path)
+    else:
+        save_atomic(ckpt, path)
     print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
           f"{loggamma_name} {loggamma.item():.4f} | {images / seconds:.0f} img/s | "
           f"ETA {fmt_time(seconds * (cfg['epochs'] - epoch - 1))}", flush=True)

@@ -124,19 +124,22 @@ def fid_of(a, d, seed, stage, z_noise=True):
 
 
 @torch.no_grad()
-def recon_mse(a, path, batchnorm="eval"):
+def recon_mse(a, path):
     """Mean squared error per pixel of x_hat(z), z ~ q(z|x), on up to 2,000 of the run's training
-    images (Figure 1a's reconstruction error), for the checkpoint at path. BatchNorm in 'eval' mode
-    (its running averages, as when encoding and sampling) or 'train' mode (each batch's own
-    statistics, as in training)."""
+    images (Figure 1a's reconstruction error), for the checkpoint at path, with BatchNorm in 'eval'
+    mode (its running averages, as when encoding and sampling) and in 'train' mode (each batch's
+    own statistics, as in training): {"eval": mse, "train": mse}."""
     ckpt = stage1.load_checkpoint(path)
     model = stage1.build_model(ckpt["config"])
     model.load_state_dict(ckpt["model"])
-    model.train(batchnorm == "train")
     x = first_images(a.data_root, min(2000, a.limit or 2000))
-    torch.manual_seed(0)
-    mu_z, _, sigma_z = model.encoder(x)
-    return (x - model.decoder(stage1.reparameterize(mu_z, sigma_z))).square().mean().item()
+    mse = {}
+    for mode in ("eval", "train"):  # eval first: a forward in train mode moves the running averages
+        model.train(mode == "train")
+        torch.manual_seed(0)  # the same eps in both modes
+        mu_z, _, sigma_z = model.encoder(x)
+        mse[mode] = (x - model.decoder(stage1.reparameterize(mu_z, sigma_z))).square().mean().item()
+    return mse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +149,7 @@ def gamma(a, seed):
     out = {}
     for loss in ("learned-gamma", "fixed-gamma"):
         d = stage1_run(a, seed, loss)
-        mse = {e: recon_mse(a, checkpoint_at(a, d, e)) for e in a.budget_epochs}
+        mse = {e: recon_mse(a, checkpoint_at(a, d, e))["eval"] for e in a.budget_epochs}
         out[loss] = {"loggamma_x": [h["loggamma_x"] for h in stage1.load_checkpoint(os.path.join(d, "stage1.pt"))["history"]],
                      "mse": mse, "log_sqrt_mse": {e: 0.5 * float(np.log(m)) for e, m in mse.items()},
                      "active_dims": read(os.path.join(d, "latents.json"))["active_dims"]}
@@ -194,8 +197,7 @@ def batchnorm(a, seed):
     out = {}
     for momentum in (0.001, a.bn_momentum):
         d = stage1_run(a, seed, bn_momentum=momentum)
-        out[f"{momentum:g}"] = {e: {mode: recon_mse(a, checkpoint_at(a, d, e), mode) for mode in ("eval", "train")}
-                                for e in a.budget_epochs}
+        out[f"{momentum:g}"] = {e: recon_mse(a, checkpoint_at(a, d, e)) for e in a.budget_epochs}
     return out
 
 
