@@ -518,7 +518,9 @@ def link_atomic(src, dst):
     """dst becomes a second name of the file src (a hard link; a copy where the file system has
     none), through a temporary name. Safe because nothing here writes into an existing file:
     save_atomic writes a new one and renames it, so the next checkpoint leaves src as it was."""
-    tmp = f"{dst}.{os.getpid()}.tmp"
+    tmp = f"{dst}.{os.getpid()}.link"
+    if os.path.lexists(tmp):  # left by a kill right here: another name of an older file, never write into it
+        os.remove(tmp)
     try:
         os.link(src, tmp)
     except OSError:  # FAT, some network shares

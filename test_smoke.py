@@ -478,6 +478,18 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
+def test_a_snapshot_epochs_checkpoint_links_without_writing_into_old_files(tmp_path):
+    """link_atomic (the checkpoint of a snapshot epoch is a hard link to the snapshot): a link left
+    under its temporary name by a kill, still naming an older snapshot, is replaced, not written into."""
+    older, snapshot, checkpoint = tmp_path / "stage1_e0100.pt", tmp_path / "stage1_e0200.pt", tmp_path / "stage1.pt"
+    older.write_bytes(b"epoch 100")
+    snapshot.write_bytes(b"epoch 200")
+    os.link(older, f"{checkpoint}.{os.getpid()}.link")
+    stage1.link_atomic(str(snapshot), str(checkpoint))
+    assert older.read_bytes() == b"epoch 100" and os.path.samefile(checkpoint, snapshot)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt", "stage1_e0100.pt", "stage1_e0200.pt"]
+
+
 def test_resume_refuses_flags_that_would_change_the_run(tiny, tmp_path):
     run_dir = copy_run(tiny, tmp_path / "run")
     mtime = (run_dir / "stage1.pt").stat().st_mtime_ns
