@@ -47,7 +47,7 @@ def generate(vae1, vae2, n, batch, device, z_noise=True):
         else:
             u = torch.randn(b, kappa, device=device)                      # u ~ N(0, I)
             z_hat = vae2.decoder(u)
-            eps = torch.randn_like(z_hat)  # drawn either way: with or without noise, the same u
+            eps = torch.randn_like(z_hat)  # drawn even without the noise, so both runs get the same u in every batch
             z = z_hat + vae2.loggamma_z.exp() * eps if z_noise else z_hat  # z ~ p(z|u) = N(z_hat, gamma_z^2 I)
         out.append(vae1.decoder(z).float().cpu())                         # x = x_hat(z)
     return torch.cat(out)
@@ -85,12 +85,12 @@ def main(argv=None):
     else:
         if args.stage == 2:
             vae2, ck2 = load_model(os.path.join(out, "stage2.pt"), stage2.build_model, args.device, "stage2")
-            mine = {"run_id": ck1["config"]["run_id"], "epoch": ck1["epoch"], "data": ck1["config"]["data"]}
+            stage1_source = {"run_id": ck1["config"]["run_id"], "epoch": ck1["epoch"], "data": ck1["config"]["data"]}
             if ck2["config"]["latent_dim"] != ck1["config"]["latent_dim"]:
                 die(f"stage2.pt has kappa {ck2['config']['latent_dim']} but stage1.pt has {ck1['config']['latent_dim']}; "
                     f"fix: re-run `python stage2.py --out {out}` on this stage 1")
-            if ck2["stage1"] != mine:
-                die(f"stage2.pt was fitted to stage-1 run {ck2['stage1']}, not to this stage1.pt {mine}; "
+            if ck2["stage1"] != stage1_source:
+                die(f"stage2.pt was fitted to stage-1 run {ck2['stage1']}, not to this stage1.pt {stage1_source}; "
                     f"fix: re-run `python stage2.py --out {out}` (delete the old stage2.pt first)")
         if args.no_z_noise and args.stage != 2:
             die("--no-z-noise is about 2-stage sampling; fix: drop it, or use --stage 2")

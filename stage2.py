@@ -5,7 +5,7 @@ the regime of Theorem 1 where a VAE CAN match the distribution. So a small VAE w
 q(z), and sampling goes u -> z -> x (sample.py).
 
     python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README.md, "Quick start")
-    python stage2.py --data mnist              # the paper's protocol: 800 epochs, batch 64, Adam 1e-4
+    python stage2.py --data mnist              # the authors' protocol: 800 epochs, batch 64, Adam 1e-4
 
 Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py, and checked against its
 latents.json and stage1.pt, so that stage 2 never fits another run's latents) and writes
@@ -27,8 +27,9 @@ from stage1 import (HelpWithDefaults, common_flags, die, fit, gaussian_nll, kl_s
 
 class MLP(nn.Module):
     """depth x [dense width, ReLU], then the input concatenated back in before the output layer,
-    as in the authors' build_encoder2 / build_decoder2; the output layer gives `outputs` vectors of
-    the input's size dim (the encoder 2: mu_u and log sigma_u; the decoder 1: z_hat). Dense layers start as TF's default
+    as in the authors' build_encoder2 / build_decoder2 (network/two_stage_vae_model.py); the output
+    layer gives `outputs` vectors of the input's size dim (outputs = 2 for the encoder: mu_u and
+    log sigma_u; outputs = 1 for the decoder: z_hat). Dense layers start as TF's default
     (Glorot-uniform weights, zero biases), not PyTorch's; the encoder's mu_u and log sigma_u layers
     are one 2-kappa layer here, whose Glorot bound is 3 % smaller than two kappa layers'."""
 
@@ -51,7 +52,8 @@ class MLP(nn.Module):
 
 
 class Stage2VAE(nn.Module):
-    """q(u|z) = N(mu_u, diag sigma_u^2), p(z|u) = N(z_hat(u), gamma_z^2 I). No BatchNorm."""
+    """q(u|z) = N(mu_u, diag sigma_u^2), p(z|u) = N(z_hat(u), gamma_z^2 I) with gamma_z =
+    exp(loggamma_z) a standard deviation (the paper's gamma, a variance, is gamma_z^2). No BatchNorm."""
 
     def __init__(self, latent_dim=64, width=1024, depth=3):
         super().__init__()
@@ -95,13 +97,16 @@ def stage2_loss(model, z):
 # ----------------------------------------------------------------------------------------------
 # Section 6, Table 3 and Figure 2: how far is each stage's aggregate posterior from N(0, I)?
 # (Figure 2's singular values of these sample matrices: theory.ipynb, section 3.)
-# The paper does not say which kernel or estimator its MMD used, so ours is written down here and
-# its values are comparable with each other (stage 1 vs stage 2), not with the paper's digits.
+# The paper (citing Gretton et al. 2007) does not say which kernel or estimator its MMD used, so
+# ours is written down here and its values are comparable with each other (stage 1 vs stage 2), not
+# with the paper's digits: our kernel is at most 1, so our MMD^2 is at most 2, and Table 3's 2.85
+# (MNIST, stage 1) cannot be a value of this estimator.
 
 @torch.inference_mode()
 def aggregate_posterior_samples(model, mu_z, sigma_z, n, seed=0):
-    """Sample matrices Z (n, kappa) from q(z) and U (n, kappa) from q(u), as the paper's Figure 2:
-    z = mu_z + sigma_z eps for n training images drawn at random, u ~ q(u|z) for each of those z."""
+    """Sample matrices Z (n, kappa) from q(z) and U (n, kappa) from q(u), as for the paper's Figure 2:
+    z = mu_z + sigma_z eps for n training images drawn at random (main: --mmd-n, default 10,000; the
+    paper does not give its n), u ~ q(u|z) for each of those z."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(mu_z), generator=g)[:n]
     z = mu_z[idx] + sigma_z[idx] * torch.randn(len(idx), mu_z.shape[1], generator=g)
@@ -112,8 +117,8 @@ def aggregate_posterior_samples(model, mu_z, sigma_z, n, seed=0):
 
 
 def mmd_to_standard_normal(samples, seed=0, block=2000):
-    """Unbiased MMD^2 between the rows of `samples` (n, kappa) and n fresh N(0, I) draws
-    (Gretton et al. 2012, eq. 3), with the inverse multiquadratic kernel k(a, b) = C / (C + |a - b|^2),
+    """Unbiased MMD^2 between the rows of `samples` (n, kappa) and n fresh N(0, I) draws (the
+    estimator of Gretton et al. 2012, JMLR, eq. 3), with the inverse multiquadratic kernel k(a, b) = C / (C + |a - b|^2),
     C = 2 kappa: the kernel the WAE paper (Tolstikhin et al. 2018) uses against a N(0, I) prior.
     Float64, in row blocks so that n = 10,000 needs no 800 MB matrix."""
     x = torch.as_tensor(samples, dtype=torch.float64).cpu()
@@ -160,7 +165,7 @@ def load_latents(out, stage1):
     return mu_z, sigma_z
 
 
-# The paper's protocol as defaults (docs/protocol.md, "Stage 2"): flags that define a run.
+# The authors' protocol as defaults (their demo.py; docs/protocol.md, "Stage 2"): flags that define a run.
 STAGE2_DEFAULTS = {"epochs": 800, "lr": 1e-4, "lr_epochs": 300, "batch_size": 64, "seed": 0, "width": 1024, "depth": 3,
                    "fixed_z": False}
 
