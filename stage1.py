@@ -10,7 +10,7 @@ measure on the manifold need not be learned, so the aggregate posterior q(z) nee
 (stage2.py) fixes that.
 
     python stage1.py --data mnist --epochs 10  # CPU-sized (its time: README.md, "Quick start")
-    python stage1.py --data mnist              # the paper's protocol: 400 epochs, batch 64, Adam 1e-4
+    python stage1.py --data mnist              # the authors' protocol: 400 epochs, batch 64, Adam 1e-4 halved every 150
     python stage1.py --data mnist --resume     # continue a killed run from runs/mnist/stage1.pt
 
 Reads the training split through torchvision (--data-root). Writes to --out (default runs/<data>):
@@ -24,7 +24,9 @@ Everything the paper does not describe (checkpoints, RNG, atomic writes, flags) 
 The protocol's details, with the paper's and the authors' code's sources: docs/protocol.md.
 
 Notation: our gamma_x = exp(loggamma_x) is a STANDARD DEVIATION, as in the authors' code; the
-paper's gamma (a variance: Definition 1's Sigma_x = gamma I) is gamma_x ** 2.
+paper's gamma (a variance: Definition 1's Sigma_x = gamma I) is gamma_x ** 2, so Figure 1a's
+log gamma is 2 * loggamma_x. `# Exercise N` marks the functions course/ blanks out for students
+(course/README.md).
 """
 import argparse
 import ctypes
@@ -96,14 +98,16 @@ def bn(features, dims=2):
     # TF moving-average decay 0.999 == PyTorch momentum 0.001 (--bn-momentum); eps 1e-5 (authors' util.batch_norm).
     # Two small departures: TF's assign_moving_average zero-debiases the averages (ours keep a weight
     # 0.999^steps on the initial 0 / 1: 0.39 after one MNIST epoch, < 0.01 after five) and TF's
-    # moving variance is the biased batch variance (PyTorch's: unbiased, x 64/63 at batch 64).
+    # moving variance is the biased batch variance (PyTorch's: unbiased, x n/(n-1) for n values per
+    # channel: 64/63 in the dense layers at batch 64, at most 1.0004 in the conv layers).
     return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(features, eps=1e-5, momentum=0.001)
 
 
 class SpectralNorm(nn.Module):
     """A layer whose weight W is divided by its largest singular value sigma (Miyato et al. 2018),
     estimated by one power iteration per training step, as the authors do on every encoder layer
-    (it keeps the encoder Lipschitz; the decoder has none). The gradient flows through
+    (not in the paper: their network/util.py; it holds each layer's largest singular value at
+    about 1; the decoder has none). The gradient flows through
     sigma = u.W v, as in torch and in the authors' TF. The same numbers as torch's
     parametrizations.spectral_norm with the same u, v (results/speed.py swaps one for the other;
     test_smoke.py checks the trajectories agree). 16 warm-up iterations: torch's 15 plus the one
@@ -290,7 +294,7 @@ def reparameterize(mu, sigma):
     return mu + sigma * torch.randn_like(mu)
 
 
-# Exercise 4: the stage-1 loss, eq. (2) with the Gaussian decoder of eq. (8), averaged over a batch
+# Exercise 4: the stage-1 loss, eq. (2) with Definition 1's Gaussian decoder, averaged over a batch
 def stage1_loss(model, x, loss="learned-gamma"):
     """(loss, rec, kl) for a float batch x in [0, 1], each a batch MEAN of per-image sums (rec over
     pixels, kl over latent dimensions); one z ~ q(z|x) per image. loss: 'learned-gamma' or
@@ -333,7 +337,8 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
     n, batch = len(data[0]), cfg["batch_size"]
     steps = n // batch
     if steps == 0:
-        die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size or raise --limit")
+        die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size"
+            + (" or raise --limit" if "limit" in cfg else ""))
     keep_start_snapshot(ckpt, path)
     progress = progress_printer(cfg, ckpt["epoch"], steps, device, progress_every, forecast_after)
     for epoch in range(ckpt["epoch"], cfg["epochs"]):
@@ -359,7 +364,7 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
 # Between the stages (docs/protocol.md, "Between the stages"): encode the whole training split
 # once, BatchNorm in EVALUATION mode, and keep q(z|x) = N(mu_z, sigma_z^2) for stage 2.
 
-# Exercise 5: encoding the training split for stage 2 (Section 4; BatchNorm in evaluation mode)
+# Exercise 5: encoding the training split for stage 2 (Section 4, step 1; BatchNorm in evaluation mode, as the authors)
 @torch.inference_mode()
 def encode(model, images, batch=1000):
     """(mu_z, sigma_z) of uint8 images (N, C, H, W): two float32 numpy arrays (N, kappa), the
@@ -420,7 +425,8 @@ def main(argv=None):
     save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
     save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
     # Theorem 4's analysis (Section 3 after eq. (9), Figure 1b): an encoder variance near 0 marks a
-    # dimension the decoder uses, near 1 one it ignores; their count estimates r; the 0.5 cut-off is ours
+    # dimension the decoder uses, near 1 one it ignores; their count estimates r; the 0.5 cut-off is ours.
+    # Sigma_z is diagonal here, so Figure 1b's eigenvalues lambda_j are sigma_z^2, averaged over the split
     summary = {"run_id": cfg["run_id"], "epoch": ckpt["epoch"],
                "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
                "active_dims": int((np.mean(sigma_z ** 2, 0) < 0.5).sum())}
@@ -429,7 +435,7 @@ def main(argv=None):
     print("done | " + json.dumps(summary), flush=True)
 
 
-# The paper's protocol as defaults (docs/protocol.md): flags that define a run, fixed at its start.
+# The authors' protocol (their demo.py) as defaults (docs/protocol.md): flags that define a run, fixed at its start.
 STAGE1_DEFAULTS = {"epochs": 400, "lr": 1e-4, "lr_epochs": 150, "batch_size": 64, "seed": 0,
                    "arch": "infogan", "loss": "learned-gamma", "latent_dim": 64, "limit": 0, "bn_momentum": 0.001}
 
@@ -624,7 +630,7 @@ def restore(ckpt, model, opt):
 
 
 def start_or_resume(args, path, defaults):
-    """The checkpoint dict to train from: a fresh one (the flags, the paper's defaults where a flag
+    """The checkpoint dict to train from: a fresh one (the flags, the protocol's defaults where a flag
     is not given), or the one in --out when --resume. A resumed run keeps its own settings: a flag
     that would change one of them is refused, not silently ignored. --epochs and --snapshots may change."""
     ckpt = load_checkpoint(path) if args.resume else None
@@ -717,7 +723,7 @@ def common_flags(p, defaults):
     d = defaults
     p.add_argument("--data", default="mnist", choices=sorted(SHAPES), help="data set (default: mnist)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
-    p.add_argument("--epochs", type=int, help=f"total epochs (default: {d['epochs']}, the paper's; on --resume: the run's)")
+    p.add_argument("--epochs", type=int, help=f"total epochs (default: {d['epochs']}, the authors'; on --resume: the run's)")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d['lr']:g}, the authors')")
     p.add_argument("--lr-epochs", type=int, help=f"halve the lr every this many epochs (default: {d['lr_epochs']}, the authors')")
     p.add_argument("--batch-size", type=int, help=f"batch size (default: {d['batch_size']}, the authors')")

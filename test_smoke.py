@@ -773,7 +773,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
         assert not re.search(r"\(default:[^)]*\)\s+\(default:", out), (main.__module__, "a default said twice")
         if main is stage1.main:
             out = re.sub(r"\s+", " ", out)
-            assert "(default: 400, the paper's" in out and "(default: 0.0001, the authors')" in out
+            assert "(default: 400, the authors'" in out and "(default: 0.0001, the authors')" in out
 
 
 # ---------------------------------------------------------------------------------------------
