@@ -2,21 +2,23 @@
 
     python fid.py --data mnist --split test --n 10000              # compute + cache reference stats
     python fid.py --data mnist --samples runs/mnist/samples.npy    # FID of samples -> samples.fid.json
-    python fid.py --data mnist --samples runs/mnist/samples.npy --authors-minmax   # authors' convention
-    python fid.py a.npy b.npy                                      # FID between two image arrays
+    python fid.py --data mnist --samples runs/mnist/samples.npy --authors-minmax   # -> samples.fid-authors-minmax.json
+    python fid.py gen.npy real.npy                                 # two arrays, the first counts as generated
 
-Protocol (docs/protocol.md, "FID"; TTUR's fid.py, the authors' fid_score.py): the 2015-12-05
+Protocol (docs/protocol.md, "FID"; bioinf-jku/TTUR's fid.py, the authors' fid_score.py): the 2015-12-05
 Inception graph, 2048-d pool_3 features; images as float in [0, 255] at native size, grey
 replicated to 3 channels, LEGACY TensorFlow bilinear resize to 299x299, then (x - 128) / 128;
 mean and covariance in float64; FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)).
-Reference set: the first n of a seeded permutation of the TEST split (10,000 in the paper).
+Reference set: the first n of a seeded permutation of the TEST split (10,000 in the authors' code).
+Either array of the two-array form may be a .npz of (mu, sigma) this script cached.
 
 Image arrays: uint8 in [0, 255] is used as is; float32/float64 in [0, 1] becomes x * 255, scaled
 and NOT rounded to uint8 (the authors feed their float samples * 255 the same way). Shapes
 (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}. Two conventions for GENERATED images:
-  standard        x * 255 (the default, what TTUR does)
+  standard        x * 255 (the default: TTUR's own, so numbers compare across papers)
   authors-minmax  (x - min) / (max - min) * 255 per image (the authors' fid_score.py; real images
-                  are never rescaled). Every printed number names its convention.
+                  are never rescaled): the one to set a number beside the paper's Table 1.
+Every printed number names its convention.
 
 Weights (pytorch-fid's state_dict layout), looked up in order: --inception PATH, $TWOSTAGE_INCEPTION,
 torch.hub.get_dir()/checkpoints/pt_inception-2015-12-05-6726825d.pth, then a download of pytorch-fid's
@@ -367,7 +369,7 @@ def _factor(s):
     """B with S = B B^T, from S = V W V^T: B = V sqrt(W) on S's nonzero directions only (the rest add
     nothing to the trace below; S is PSD, so smaller W are rounding noise). (D, 0) if S = 0."""
     w, v = np.linalg.eigh(s)
-    keep = w > max(w.max(), 0) * len(w) * np.finfo(np.float64).eps
+    keep = w > max(w.max(), 0) * len(w) * np.finfo(np.float64).eps  # numpy's matrix_rank tolerance
     return v[:, keep] * np.sqrt(w[keep])
 
 
@@ -396,10 +398,11 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), float, for means (D,) and
     covariances (D, D) (docs/protocol.md, "FID"; TTUR's fid.py).
 
-    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2 (_product_eigenvalues). As TTUR and
-    pytorch-fid: if the product is too singular for its square root (non-finite result, or an
-    eigenvalue below -1e-6, i.e. an imaginary part of its root above 1e-3), retry with eps * I added
-    to both covariances; if that still gives one, raise (they raise on an imaginary part > 1e-3)."""
+    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2 (_product_eigenvalues).
+    TTUR and pytorch-fid retry with eps * I added to both covariances when scipy's sqrtm returns
+    non-finite values, and raise when the root's diagonal has an imaginary part above 1e-3. Here:
+    retry when an eigenvalue is non-finite or below -1e-6 (a root with an imaginary part above
+    1e-3), raise if the retry still gives one. Rare either way: B^T S1 B is PSD by construction."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
     d = len(mu1)
@@ -454,7 +457,8 @@ def reference_stats(data, split, n, root, cache_dir, model, batch_size=50, devic
     images = load_reference_images(data, split, root)
     if not 2 <= n <= len(images):
         raise ValueError(f"--n {n} but {data} {split} has {len(images)} images; fix: 2 <= n <= {len(images)}")
-    # the paper: "10,000 images of the TEST split (shuffled)"; a fixed seed keeps the set the same across runs
+    # the authors' code scores against 10,000 shuffled TEST images (docs/protocol.md, "FID"); a fixed
+    # seed keeps the set the same across runs
     idx = np.random.default_rng(REF_SEED).permutation(len(images))[:n]
     mu, sigma = statistics(features(images[idx], model, batch_size, device, progress=progress))
     _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **key, **versions()))
@@ -497,8 +501,8 @@ def main(argv=None):
                    "with --authors-minmax the FIRST is treated as generated")
     p.add_argument("--data", choices=DATASETS, help="reference data set (the paper's four)")
     p.add_argument("--split", default="test", choices=("test", "train"),
-                   help="reference split (default test, as the paper)")
-    p.add_argument("--n", type=int, default=10000, help="reference images (default 10000, the paper)")
+                   help="reference split (default test, as the authors)")
+    p.add_argument("--n", type=int, default=10000, help="reference images (default 10000, the authors')")
     p.add_argument("--samples", help="generated images .npy; the FID goes to <samples>.fid.json beside it")
     p.add_argument("--authors-minmax", action="store_true", help="rescale each GENERATED image by its own "
                    "min/max before *255, as the authors' fid_score.py (default off: standard x*255)")
@@ -525,14 +529,14 @@ def main(argv=None):
     reuse_freed_memory()
     try:
         model = load_inception(args.inception, args.device)
-        conv = AUTHORS if args.authors_minmax else STANDARD
+        convention = AUTHORS if args.authors_minmax else STANDARD
         if args.arrays:
             loaded = [_load_array_or_stats(path) for path in args.arrays]  # both checked before the slow part
             stats = [x if isinstance(x, tuple) else  # the second array is the real set: never min-max rescaled
                      statistics(features(x, model, args.batch_size, args.device, args.authors_minmax and i == 0))
                      for i, x in enumerate(loaded)]
             sizes = ["stats" if isinstance(x, tuple) else f"n={len(x)}" for x in loaded]
-            print(f"FID {frechet_distance(*stats[0], *stats[1]):.2f} ({conv}; "
+            print(f"FID {frechet_distance(*stats[0], *stats[1]):.2f} ({convention}; "
                   f"{args.arrays[0]} {sizes[0]} vs {args.arrays[1]} {sizes[1]})")
         elif args.samples:
             samples = _load_array_or_stats(args.samples)
@@ -544,7 +548,7 @@ def main(argv=None):
             # one file per convention, so both can be reported side by side
             out = Path(args.samples).with_suffix(".fid-authors-minmax.json" if args.authors_minmax else ".fid.json")
             _atomic_write(out, lambda f: f.write((json.dumps(res, indent=2) + "\n").encode()))
-            print(f"FID {res['fid']:.2f} ({conv}; n={res['n']} vs {args.data} {args.split} n={args.n}) -> {out}")
+            print(f"FID {res['fid']:.2f} ({convention}; n={res['n']} vs {args.data} {args.split} n={args.n}) -> {out}")
         else:
             mu, _ = reference_stats(args.data, args.split, args.n, args.data_root, args.cache, model,
                                     args.batch_size, args.device)
