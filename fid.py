@@ -203,66 +203,6 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))  # pool_3: TF's 8x8 VALID average pool = global mean, (N, 2048)
 
 
-def find_weights(path=None):
-    """The weights file, in the order the module docstring gives; SystemExit with the fix if none."""
-    for given, origin in ((path, "--inception"), (os.environ.get("TWOSTAGE_INCEPTION"), "$TWOSTAGE_INCEPTION")):
-        if given:
-            if not Path(given).is_file():
-                raise SystemExit(f"fid.py: error: {origin} {given} is not a file; fix: point it at {WEIGHTS_NAME}")
-            return Path(given)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
-    if cached.is_file():
-        return cached
-    fix = (f"fix: put pytorch-fid's {WEIGHTS_NAME} (from {WEIGHTS_URL}) at {cached}, "
-           "or pass --inception PATH, or set TWOSTAGE_INCEPTION=PATH")
-    if os.environ.get("TWOSTAGE_NO_DOWNLOAD") == "1":
-        raise SystemExit(f"fid.py: error: no FID Inception weights and downloads are off; {fix}")
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        # writes <dst>.<uuid>.partial and moves it into place only after the sha256 prefix matched: atomic
-        torch.hub.download_url_to_file(WEIGHTS_URL, str(cached), hash_prefix=WEIGHTS_HASH)
-    except Exception as e:  # offline, proxy, bad hash: one line, not a traceback
-        raise SystemExit(f"fid.py: error: no FID Inception weights, download failed "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {fix}")
-    return cached
-
-
-def load_inception(path=None, device="cpu"):
-    """FIDInceptionV3 in eval mode with the TF 2015-12-05 weights (pytorch-fid key layout)."""
-    return _load_inception(find_weights(path), device)
-
-
-@functools.lru_cache(maxsize=2)  # results/table1.py computes several FIDs in one process: load once
-def _load_inception(weights, device):
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier not needed for pool_3
-    model = FIDInceptionV3()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:  # strict, with a readable message
-        raise ValueError(f"{weights} is not pytorch-fid's FID Inception state_dict (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); fix: use {WEIGHTS_NAME}")
-    model.weights_file = str(weights)
-    fold_batchnorm(model)
-    # channels_last (NHWC) lets oneDNN / cuDNN pick their fast convolutions: 14.6 -> 21.9 images/s on
-    # this 2-core CPU (64 MNIST digits, 2026-11-24); the features are the same to float rounding
-    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
-
-
-@torch.no_grad()
-def fold_batchnorm(model):
-    """Inference only: each BasicConv2d's BatchNorm (fixed statistics) becomes the conv's scale and
-    bias, w' = w s, b = beta - mean s, s = gamma / sqrt(var + eps): the same function, one pass
-    over the activations fewer. Features within 1e-5 of the unfolded network's; 13.5-14.0 -> 15.6-15.9
-    images/s on 2 CPU cores (results/README.md, "Speed")."""
-    for m in model.modules():
-        if isinstance(m, BasicConv2d):
-            conv, bn = m.conv, m.bn
-            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
-            folded.weight.copy_(conv.weight * s[:, None, None, None])
-            folded.bias.copy_(bn.bias - bn.running_mean * s)
-            m.conv, m.bn = folded, nn.Identity()
-
 # -----------------------------------------------------------------------------
 # input pipeline (TTUR): [0, 255] floats -> grey to RGB -> TF legacy bilinear 299x299 -> (x - 128) / 128
 
@@ -476,6 +416,69 @@ def fid_of_samples(samples, data, split="test", n_ref=10000, root=DATA_ROOT, cac
             "convention": AUTHORS if authors_minmax else STANDARD, "preproc": PREPROC,
             "inception": getattr(model, "weights_file", None), "versions": versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+# -----------------------------------------------------------------------------
+# the weights: found on disk or downloaded once, loaded, BatchNorms folded (plumbing)
+
+def find_weights(path=None):
+    """The weights file, in the order the module docstring gives; SystemExit with the fix if none."""
+    for given, origin in ((path, "--inception"), (os.environ.get("TWOSTAGE_INCEPTION"), "$TWOSTAGE_INCEPTION")):
+        if given:
+            if not Path(given).is_file():
+                raise SystemExit(f"fid.py: error: {origin} {given} is not a file; fix: point it at {WEIGHTS_NAME}")
+            return Path(given)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
+    if cached.is_file():
+        return cached
+    fix = (f"fix: put pytorch-fid's {WEIGHTS_NAME} (from {WEIGHTS_URL}) at {cached}, "
+           "or pass --inception PATH, or set TWOSTAGE_INCEPTION=PATH")
+    if os.environ.get("TWOSTAGE_NO_DOWNLOAD") == "1":
+        raise SystemExit(f"fid.py: error: no FID Inception weights and downloads are off; {fix}")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        # writes <dst>.<uuid>.partial and moves it into place only after the sha256 prefix matched: atomic
+        torch.hub.download_url_to_file(WEIGHTS_URL, str(cached), hash_prefix=WEIGHTS_HASH)
+    except Exception as e:  # offline, proxy, bad hash: one line, not a traceback
+        raise SystemExit(f"fid.py: error: no FID Inception weights, download failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {fix}")
+    return cached
+
+
+def load_inception(path=None, device="cpu"):
+    """FIDInceptionV3 in eval mode with the TF 2015-12-05 weights (pytorch-fid key layout)."""
+    return _load_inception(find_weights(path), device)
+
+
+@functools.lru_cache(maxsize=2)  # results/table1.py computes several FIDs in one process: load once
+def _load_inception(weights, device):
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier not needed for pool_3
+    model = FIDInceptionV3()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:  # strict, with a readable message
+        raise ValueError(f"{weights} is not pytorch-fid's FID Inception state_dict (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); fix: use {WEIGHTS_NAME}")
+    model.weights_file = str(weights)
+    fold_batchnorm(model)
+    # channels_last (NHWC) lets oneDNN / cuDNN pick their fast convolutions: 14.6 -> 21.9 images/s on
+    # this 2-core CPU (64 MNIST digits, 2026-11-24); the features are the same to float rounding
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def fold_batchnorm(model):
+    """Inference only: each BasicConv2d's BatchNorm (fixed statistics) becomes the conv's scale and
+    bias, w' = w s, b = beta - mean s, s = gamma / sqrt(var + eps): the same function, one pass
+    over the activations fewer. Features within 1e-5 of the unfolded network's; 13.5-14.0 -> 15.6-15.9
+    images/s on 2 CPU cores (results/README.md, "Speed")."""
+    for m in model.modules():
+        if isinstance(m, BasicConv2d):
+            conv, bn = m.conv, m.bn
+            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
+            folded.weight.copy_(conv.weight * s[:, None, None, None])
+            folded.bias.copy_(bn.bias - bn.running_mean * s)
+            m.conv, m.bn = folded, nn.Identity()
 
 # -----------------------------------------------------------------------------
 # command line
