@@ -460,8 +460,8 @@ def _load_inception(weights, device):
                          f"unexpected {unexpected[:3]}); fix: use {WEIGHTS_NAME}")
     model.weights_file = str(weights)
     fold_batchnorm(model)
-    # channels_last (NHWC) lets oneDNN / cuDNN pick their fast convolutions: 14.6 -> 21.9 images/s on
-    # this 2-core CPU (64 MNIST digits, 2026-11-24); the features are the same to float rounding
+    # channels_last (NHWC) lets oneDNN / cuDNN pick their fast convolutions (the gain: results/README.md,
+    # "Speed"); the features are the same to float rounding
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
 
@@ -469,8 +469,8 @@ def _load_inception(weights, device):
 def fold_batchnorm(model):
     """Inference only: each BasicConv2d's BatchNorm (fixed statistics) becomes the conv's scale and
     bias, w' = w s, b = beta - mean s, s = gamma / sqrt(var + eps): the same function, one pass
-    over the activations fewer. Features within 1e-5 of the unfolded network's; 13.5-14.0 -> 15.6-15.9
-    images/s on 2 CPU cores (results/README.md, "Speed")."""
+    over the activations fewer. Features within 1e-5 of the unfolded network's (the gain:
+    results/README.md, "Speed")."""
     for m in model.modules():
         if isinstance(m, BasicConv2d):
             conv, bn = m.conv, m.bn
@@ -524,7 +524,7 @@ def main(argv=None):
     if args.batch_size is None:
         # On the CPU, batches of 5 keep every activation (the largest: 5 x 64 x 147 x 147 floats, 28 MB)
         # under glibc's 32 MB mmap threshold, so with reuse_freed_memory() no page is faulted in afresh
-        # each batch: 19.2 images/s at 50 -> 30.5 at 5 (300 MNIST digits, 2 cores; results/README.md, "Speed").
+        # each batch (the gain: results/README.md, "Speed").
         # The features do not depend on the batch (the network is in eval mode).
         args.batch_size = 50 if torch.device(args.device).type == "cuda" else 5
     if args.batch_size < 1:

@@ -469,9 +469,9 @@ def die(msg):
 
 def reuse_freed_memory():
     """glibc hands a freed block of more than 128 KB (up to 32 MB, adaptively) back to the OS, so the
-    25 MB weight gradients that zero_grad(set_to_none=True) frees come back as fresh pages every step
-    (7,100-7,500 page faults per stage-1 step). Raising the mmap and trim thresholds keeps freed
-    blocks in the heap for reuse (stage-1 step on CPU: 77-82 -> 69-73 ms; results/README.md, "Speed").
+    25 MB weight gradients that zero_grad(set_to_none=True) frees come back as fresh pages every step.
+    Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse (the page faults
+    and the time saved: results/README.md, "Speed").
     The same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment.
     A no-op off glibc Linux; it changes no number, only where memory comes from."""
     if platform.system() != "Linux":
