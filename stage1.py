@@ -99,7 +99,7 @@ def bn(features, dims=2):
     # Two small departures: TF's assign_moving_average zero-debiases the averages (ours keep a weight
     # 0.999^steps on the initial 0 / 1: 0.39 after one MNIST epoch, < 0.01 after five) and TF's
     # moving variance is the biased batch variance (PyTorch's: unbiased, x n/(n-1) for n values per
-    # channel: 64/63 in the dense layers at batch 64, at most 1.0004 in the conv layers).
+    # channel: 64/63 in the dense layers at batch 64, under 1.0004 in the conv layers).
     return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(features, eps=1e-5, momentum=0.001)
 
 
