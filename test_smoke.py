@@ -588,6 +588,9 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     # and each row's FID is the one fid.py wrote beside that row's samples
     trial = summary["trials"]["learned-gamma/seed0"]
     assert trial["seconds"]["stage1_from"] == str(long_run / "stage1_e0001.pt")
+    # each step's time is also saved as the step ends (a call killed midway keeps them)
+    assert json.loads((out / "learned-gamma" / "seed0" / "seconds.json").read_text()) == trial["seconds"]
+    assert {"stage2", "sample_stage2", "fid_stage2", "fid_stage2_authors-minmax"} <= set(trial["seconds"])
     assert not re.search(r"^epoch \d+/\d+ .*loggamma_x", (out / "learned-gamma" / "seed0" / "log.txt").read_text(), re.M)
     assert re.search(r"^epoch 1/1 .*loggamma_x", (out / "fixed-gamma" / "seed0" / "log.txt").read_text(), re.M)
     fid_of = lambda d, name, convention="fid": json.loads((out / d / "seed0" / f"{name}.{convention}.json").read_text())["fid"]

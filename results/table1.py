@@ -16,8 +16,8 @@ seed, in its own directory <out>/<decoder>/seed<k>/. The learned-gamma trial giv
 Table 1 (2-stage sampling, and the same stage 1 sampled from N(0, I)); the other two give one each.
 Every row's FID is computed twice: in the standard convention (x * 255) and in the authors' (each
 generated image min-max rescaled first, as their fid_score.py does for the paper's numbers).
-Each trial writes trial.json; the summary (mean +- std over seeds, the paper's numbers beside) is
-printed and written to --json.
+Each trial writes trial.json (and seconds.json, each step's wall time as the step ends); the summary
+(mean +- std over seeds, the paper's numbers beside) is printed and written to --json.
 
 Resumable: re-run the same command after an interruption. A step is skipped when its output is
 newer than its input; stage 1 and stage 2 continue from their checkpoints (--resume).
@@ -91,7 +91,14 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     stage2_curve: stage-2 epochs at which the 2-stage FID is measured too (learned gamma only)."""
     os.makedirs(d, exist_ok=True)
     log = os.path.join(d, "log.txt")
-    seconds = (read_json(os.path.join(d, "trial.json")) or {}).get("seconds", {})  # timings of steps skipped now
+    # each step's wall time, saved as the step ends, so a call killed midway (a session's end in the
+    # full protocol) keeps the times of the steps it finished; trial.json's for trials done before
+    seconds_path = os.path.join(d, "seconds.json")
+    seconds = read_json(seconds_path) or (read_json(os.path.join(d, "trial.json")) or {}).get("seconds", {})
+
+    def timed(key, script, args):
+        seconds[key] = run(script, args, log)
+        save_atomic(seconds, seconds_path)
     record = {}
     common = ["--data", a.data, "--out", d] + (["--device", a.device] if a.device else [])
     fid_common = ["--data", a.data, "--data-root", a.data_root, "--n", a.fid_ref_n, "--cache", a.fid_cache] + (["--device", a.device] if a.device else [])
@@ -107,7 +114,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     done = read_json(latents)
     if not (done and done["epoch"] == e1 and newer(latents, ck1)):
         resume = ["--resume"] if os.path.exists(ck1) else ["--loss", loss, "--seed", seed, "--limit", a.limit]
-        seconds["stage1"] = run("stage1.py", common + resume + ["--epochs", e1, "--data-root", a.data_root], log)
+        timed("stage1", "stage1.py", common + resume + ["--epochs", e1, "--data-root", a.data_root])
         done = read_json(latents)
         if done["epoch"] != e1:
             die(f"{ck1} is at epoch {done['epoch']}, not {e1}; fix: delete {d} to start this trial afresh")
@@ -130,7 +137,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                     shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
             keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
             keep = ["--snapshots", ",".join(map(str, keep))] if keep else []
-            seconds["stage2"] = run("stage2.py", common + resume + keep + ["--epochs", e2], log)
+            timed("stage2", "stage2.py", common + resume + keep + ["--epochs", e2])
             done2 = read_json(summary2)
             if done2["epoch"] != e2:
                 die(f"{ck2} is at epoch {done2['epoch']}, not {e2}; fix: delete {ck2} to refit stage 2")
@@ -146,14 +153,14 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
         for flag, suffix in [("", ".fid.json")] + ([("--authors-minmax", ".fid-authors-minmax.json")] if minmax else []):
             out = npy[:-len(".npy")] + suffix
             if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
-                seconds[f"fid_{tag}{flag.replace('--', '_')}"] = run("fid.py", fid_common + ["--samples", npy] + ([flag] if flag else []), log)
+                timed(f"fid_{tag}{flag.replace('--', '_')}", "fid.py", fid_common + ["--samples", npy] + ([flag] if flag else []))
             fids["fid_minmax" if flag else "fid"] = read_json(out)["fid"]
         return fids
 
     for stage, name, source in samplers:
         npy = os.path.join(d, f"{name}.npy")
         if not (newer(npy, source) and len(np.load(npy, mmap_mode="r")) == n_fid):
-            seconds[f"sample_stage{stage}"] = run("sample.py", common + ["--stage", stage, "--n", n_fid, "--seed", seed], log)
+            timed(f"sample_stage{stage}", "sample.py", common + ["--stage", stage, "--n", n_fid, "--seed", seed])
         key, fids = "fid_two_stage" if stage == 2 else "fid_one_stage", score(npy, f"stage{stage}")
         record[key] = fids["fid"]
         if minmax:
@@ -176,8 +183,8 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 npy = os.path.join(s, "samples.npy")
                 if not (newer(npy, os.path.join(s, "stage1.pt"), os.path.join(s, "stage2.pt"))
                         and len(np.load(npy, mmap_mode="r")) == n_fid):
-                    seconds[f"sample_stage2_e{e}"] = run("sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
-                                                         + (["--device", a.device] if a.device else []), log)
+                    timed(f"sample_stage2_e{e}", "sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
+                          + (["--device", a.device] if a.device else []))
                 point = {"loggamma_z": load_checkpoint(os.path.join(s, "stage2.pt"))["model"]["loggamma_z"].item(),
                          **score(npy, f"stage2_e{e}")}
             record["stage2_curve"].append({"stage2_epochs": e, **point})
