@@ -7,8 +7,8 @@ direct double loop, results/table1.py and course/experiments.py end to end, theo
 bottom, the speed benchmark's table, and the course's grading tests (course/test_exercises.py).
 Run:  pytest -q test_smoke.py  (its measured time: results/README.md, "Test suite time").
 
-One tiny two-stage run is trained once through the real command line (the `tiny` fixture) and shared;
-tests that change a run work on a copy. Each of stage1.py, stage2.py, sample.py and fid.py runs
+One tiny two-stage run is trained once (the `tiny` fixture: stage 1 through the real command line,
+stage 2 in this process) and shared; tests that change a run work on a copy. Each of stage1.py, stage2.py, sample.py and fid.py runs
 through the real command line (a subprocess) where that is what a test is about; everything else
 calls the scripts' main() in this process, which runs the same code without paying Python's and
 torch's start-up (about 2.5 s with torchvision) for each call."""
@@ -375,8 +375,8 @@ def state(path):
 
 @pytest.fixture(scope="module")
 def tiny(data_root, tmp_path_factory):
-    """One tiny two-stage run through the real command line: stage 1 for 2 epochs on 256 digits
-    (kappa 8, a snapshot at epoch 1), stage 2 for 2 epochs. Shared: tests that change it copy it."""
+    """One tiny two-stage run: stage 1 through the real command line for 2 epochs on 256 digits
+    (kappa 8, a snapshot at epoch 1), then stage 2 for 2 epochs. Shared: tests that change it copy it."""
     d = tmp_path_factory.mktemp("tiny") / "run"
     r = run("stage1.py", "--data", "mnist", "--data-root", data_root, "--out", d, "--epochs", 2, "--snapshots", 1, *TINY1)
     stage2.main([str(a) for a in ["--data", "mnist", "--out", d, "--epochs", 2, *TINY2]])  # its command line: test_stage2_refuses_bad_latents
