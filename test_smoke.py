@@ -8,10 +8,10 @@ bottom, the speed benchmark's table, and the course's grading tests (course/test
 Run:  pytest -q test_smoke.py  (its measured time: results/README.md, "Test suite time").
 
 One tiny two-stage run is trained once (the `tiny` fixture: stage 1 through the real command line,
-stage 2 in this process) and shared; tests that change a run work on a copy. Each of stage1.py, stage2.py, sample.py and fid.py runs
-through the real command line (a subprocess) where that is what a test is about; everything else
-calls the scripts' main() in this process, which runs the same code without paying Python's and
-torch's start-up (about 2.5 s with torchvision) for each call."""
+stage 2 in this process) and shared; tests that change a run work on a copy. Each of stage1.py,
+stage2.py, sample.py and fid.py runs through the real command line (a subprocess) where that is what
+a test is about; everything else calls the scripts' main() in this process, which runs the same code
+without paying Python's and torch's start-up (about 2.5 s with torchvision) for each call."""
 import copy
 import gzip
 import importlib.util
