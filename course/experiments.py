@@ -124,17 +124,18 @@ def fid_of(a, d, seed, stage, z_noise=True):
 
 
 @torch.no_grad()
-def recon_mse(a, path):
+def recon_mse(a, path, modes=("eval", "train")):
     """Mean squared error per pixel of x_hat(z), z ~ q(z|x), on up to 2,000 of the run's training
     images (Figure 1a's reconstruction error), for the checkpoint at path, with BatchNorm in 'eval'
     mode (its running averages, as when encoding and sampling) and in 'train' mode (each batch's
-    own statistics, as in training): {"eval": mse, "train": mse}."""
+    own statistics, as in training): {mode: mse} for the modes asked."""
     ckpt = stage1.load_checkpoint(path)
     model = stage1.build_model(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     x = first_images(a.data_root, min(2000, a.limit or 2000))
     mse = {}
-    for mode in ("eval", "train"):  # eval first: a forward in train mode moves the running averages
+    # eval first: a forward in train mode moves the running averages
+    for mode in [m for m in ("eval", "train") if m in modes]:
         model.train(mode == "train")
         torch.manual_seed(0)  # the same eps in both modes
         mu_z, _, sigma_z = model.encoder(x)
@@ -149,7 +150,7 @@ def gamma(a, seed):
     out = {}
     for loss in ("learned-gamma", "fixed-gamma"):
         d = stage1_run(a, seed, loss)
-        mse = {e: recon_mse(a, checkpoint_at(a, d, e))["eval"] for e in a.budget_epochs}
+        mse = {e: recon_mse(a, checkpoint_at(a, d, e), ["eval"])["eval"] for e in a.budget_epochs}
         out[loss] = {"loggamma_x": [h["loggamma_x"] for h in stage1.load_checkpoint(os.path.join(d, "stage1.pt"))["history"]],
                      "mse": mse, "log_sqrt_mse": {e: 0.5 * float(np.log(m)) for e, m in mse.items()},
                      "active_dims": read(os.path.join(d, "latents.json"))["active_dims"]}

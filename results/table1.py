@@ -393,7 +393,7 @@ def main(argv=None):
 
     if rows:
         print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
-              f"vs {a.fid_ref_n} test images (ours: standard convention x*255, and the authors' min-max)")
+              f"vs {a.fid_ref_n} test images (ours: standard convention x*255" + ("" if a.no_minmax else ", and the authors' min-max") + ")")
         print(f"{'row':<20} {'ours':>16} {'ours, min-max':>14} {'paper (min-max)':>16}")
     for row, r in rows.items():
         ours = f"{r['fid']:.1f}" + (f" +- {r['std']:.1f}" if r["std"] is not None else "")
