@@ -55,6 +55,172 @@ DATASETS = ("mnist", "fashion", "cifar10", "celeba")
 DATA_ROOT = os.environ.get(DATA_ENV, "./data")  # torchvision root of the reference images
 
 # -----------------------------------------------------------------------------
+# the method: pool_3 features -> (mu, sigma) in float64 -> Frechet distance. The input pipeline and
+# the Inception network that features() calls follow, then the reference statistics and the weights.
+
+@torch.inference_mode()
+def features(images, model, batch_size=50, device="cpu", authors_minmax=False, progress=True):
+    """pool_3 features (N, 2048) float32 of an image array (module docstring), batch by batch."""
+    images = as_nchw(images)
+    n = len(images)
+    out = np.empty((n, 2048), np.float32)
+    t0 = time.time()
+    for b, i in enumerate(range(0, n, batch_size)):
+        batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # a copy: mmap is read-only
+        x = preprocess(batch, authors_minmax).contiguous(memory_format=torch.channels_last)
+        out[i:i + len(batch)] = model(x).float().cpu().numpy()
+        done = i + len(batch)
+        if progress and (b % 10 == 9 or done == n):
+            print(f"\rfid: {done}/{n} images, {done / (time.time() - t0):.1f} images/s",
+                  end="\n" if done == n else "", file=sys.stderr, flush=True)
+    return out
+
+
+def statistics(feats):
+    """Mean and covariance (np.cov, rowvar=False: 1/(N-1)) in float64, as TTUR and pytorch-fid."""
+    f = np.asarray(feats, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need a (N >= 2, D) feature array, got shape {f.shape}; fix: pass more images")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _factor(s):
+    """B with S = B B^T, from S = V W V^T: B = V sqrt(W) on S's nonzero directions only (the rest add
+    nothing to the trace below; S is PSD, so smaller W are rounding noise). (D, 0) if S = 0."""
+    w, v = np.linalg.eigh(s)
+    keep = w > max(w.max(), 0) * len(w) * np.finfo(np.float64).eps  # numpy's matrix_rank tolerance
+    return v[:, keep] * np.sqrt(w[keep])
+
+
+_reference_factor = {}  # {sha1 of S2: its factor}: one eigh per reference set and process, not one per FID
+
+
+def _product_eigenvalues(s1, s2):
+    # S1 S2 has the eigenvalues of B^T S1 B where S2 = B B^T (eig(XY) = eig(YX)). B^T S1 B is symmetric
+    # PSD, so eigvalsh does what scipy.linalg.sqrtm(S1 S2) does in TTUR, without scipy. S2 is the
+    # reference: it is the same in every FID of a run (Table 1: six), so its eigh, the one costly step,
+    # is done once; each FID then needs only the eigenvalues of B^T S1 B. With fewer reference images
+    # than dimensions B has few columns and the product is small.
+    key = hashlib.sha1(np.ascontiguousarray(s2).tobytes()).hexdigest()
+    if key not in _reference_factor:
+        _reference_factor.clear()  # keep one: a 2048 x 2048 factor is 34 MB
+        _reference_factor[key] = _factor(s2)
+    b = _reference_factor[key]
+    if b.shape[1] == 0:
+        return np.zeros(1)  # S2 = 0: S1 S2 = 0
+    a = b.T @ s1 @ b
+    return np.linalg.eigvalsh((a + a.T) / 2)
+
+
+# Exercise 8: the Frechet distance between two Gaussians, the FID of Section 5 (Heusel et al. 2017)
+def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
+    """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), float, for means (D,) and
+    covariances (D, D) (docs/protocol.md, "FID"; TTUR's fid.py).
+
+    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2 (_product_eigenvalues).
+    TTUR and pytorch-fid retry with eps * I added to both covariances when scipy's sqrtm returns
+    non-finite values, and raise when the root's diagonal has an imaginary part above 1e-3. Here:
+    retry when an eigenvalue is non-finite or below -1e-6 (a root with an imaginary part above
+    1e-3), raise if the retry still gives one. Rare either way: B^T S1 B is PSD by construction."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
+    d = len(mu1)
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}; "
+                         "fix: compare features of the same network layer")
+    if not all(np.isfinite(t).all() for t in (mu1, mu2, s1, s2)):
+        raise ValueError("statistics contain NaN or inf; fix: check the images / features")
+
+    def bad(lam):
+        return not np.isfinite(lam).all() or lam.min() < -1e-6
+
+    lam = _product_eigenvalues(s1, s2)
+    if bad(lam):
+        warnings.warn(f"fid: S1 S2 is near-singular; adding {eps} to the diagonal of both covariances (as TTUR)")
+        lam = _product_eigenvalues(s1 + eps * np.eye(d), s2 + eps * np.eye(d))
+        if bad(lam):
+            raise ValueError(f"sqrt(S1 S2) has an imaginary part {np.sqrt(-np.min(lam)):.3g} > 1e-3 even with "
+                             "eps added; fix: use more images than feature dimensions")
+    diff = mu1 - mu2
+    # traces of the ORIGINAL covariances, as TTUR and pytorch-fid (eps only enters the square root)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+
+
+# -----------------------------------------------------------------------------
+# input pipeline (TTUR): [0, 255] floats -> grey to RGB -> TF legacy bilinear 299x299 -> (x - 128) / 128
+
+def as_nchw(images):
+    """Check an image array (module docstring) and return an (N, C, H, W) VIEW, dtype kept. The
+    float [0, 255] copy is made batch by batch in features(), so 70,000 images cost no extra memory."""
+    a = images
+    if not isinstance(a, np.ndarray) or a.dtype not in (np.uint8, np.float32, np.float64):
+        raise ValueError(f"images must be a uint8, float32 or float64 numpy array, got "
+                         f"{getattr(a, 'dtype', type(a).__name__)}; fix: save uint8 in [0, 255] or float in [0, 1]")
+    if a.ndim == 3 and a.shape[2] not in (1, 3):
+        a = a[:, None]  # (N, H, W) grey
+    elif a.ndim == 4 and (a.shape[1] in (1, 3)) != (a.shape[3] in (1, 3)):
+        a = a if a.shape[1] in (1, 3) else a.transpose(0, 3, 1, 2)  # NHWC -> NCHW view
+    else:
+        raise ValueError(f"cannot tell the layout of images of shape {a.shape}; fix: pass (N, H, W), "
+                         "(N, C, H, W) or (N, H, W, C) with exactly one axis of size C in {1, 3}")
+    if len(a) < 2:
+        raise ValueError(f"FID needs at least 2 images (a covariance), got {len(a)}; fix: pass more images")
+    if a.dtype != np.uint8:
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates through min/max: no full-size temporary
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("images contain NaN or inf; fix: check the sampler's output")
+        if lo < 0 or hi > 1:
+            raise ValueError(f"float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; "
+                             "fix: pass x in [0, 1] (or uint8 in [0, 255])")
+    return a
+
+
+def to_float255(batch, authors_minmax=False):
+    """uint8 (kept) or [0, 1] float (x * 255, not rounded) tensor -> float32 on [0, 255]."""
+    x = batch.to(torch.float32)
+    if batch.dtype != torch.uint8:
+        x = x * 255
+    if authors_minmax:  # authors' fid_score.py: (x - min) / (max - min) per GENERATED image, then * 255
+        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-12) * 255  # a constant image becomes 0 (the authors' gives NaN)
+    return x
+
+
+def legacy_resize_matrix(n_in, n_out, device=None):
+    """(n_out, n_in) matrix of TF's legacy bilinear resize along one axis (align_corners=False,
+    half_pixel_centers=False): source = dst * in / out (no half-pixel shift, unlike F.interpolate),
+    left = floor(source), right = min(left + 1, in - 1), weights 1 - frac and frac."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)  # TF computes the scale and coordinates in float32
+    src = torch.arange(n_out, dtype=torch.float32) * scale
+    left = src.floor().long()
+    right = (left + 1).clamp(max=n_in - 1)
+    frac = src - left
+    m = torch.zeros(n_out, n_in)
+    m[torch.arange(n_out), left] += 1 - frac
+    m[torch.arange(n_out), right] += frac  # two statements: at the right edge left == right, weights sum to 1
+    return m.to(device)
+
+
+def tf_legacy_resize(x, size=299):
+    """(N, C, H, W) -> (N, C, size, size): one interpolation matrix per axis, applied by matmul."""
+    mh = legacy_resize_matrix(x.shape[2], size, x.device)
+    mw = legacy_resize_matrix(x.shape[3], size, x.device)
+    return mh @ x @ mw.T  # (size, H) @ (N, C, H, W) @ (W, size)
+
+
+def inception_input(x255):
+    """(N, 1 or 3, H, W) float on [0, 255] -> (N, 3, 299, 299) on [-1, 1], as TTUR's graph does it."""
+    x = tf_legacy_resize(x255)                # resize first: grey needs 1 channel resized, not 3
+    x = x.expand(-1, 3, -1, -1)               # grey replicated to RGB (no-op for RGB)
+    return (x - 128) / 128                    # TTUR's graph: Sub 128, Mul 1/128
+
+
+def preprocess(batch, authors_minmax=False):
+    """uint8 / [0, 1] float (N, C, H, W) tensor -> Inception input."""
+    return inception_input(to_float255(batch, authors_minmax))
+
+
+# -----------------------------------------------------------------------------
 # the FID Inception-v3: torchvision's Inception3 layout and names (so pytorch-fid's state_dict loads
 # as is), with the TF 2015-12-05 graph's differences tagged "# TF:" where they happen.
 
@@ -202,169 +368,6 @@ class FIDInceptionV3(nn.Module):
             x = getattr(self, "Mixed_" + name)(x)
         return x.mean(dim=(2, 3))  # pool_3: TF's 8x8 VALID average pool = global mean, (N, 2048)
 
-
-# -----------------------------------------------------------------------------
-# input pipeline (TTUR): [0, 255] floats -> grey to RGB -> TF legacy bilinear 299x299 -> (x - 128) / 128
-
-def as_nchw(images):
-    """Check an image array (module docstring) and return an (N, C, H, W) VIEW, dtype kept. The
-    float [0, 255] copy is made batch by batch in features(), so 70,000 images cost no extra memory."""
-    a = images
-    if not isinstance(a, np.ndarray) or a.dtype not in (np.uint8, np.float32, np.float64):
-        raise ValueError(f"images must be a uint8, float32 or float64 numpy array, got "
-                         f"{getattr(a, 'dtype', type(a).__name__)}; fix: save uint8 in [0, 255] or float in [0, 1]")
-    if a.ndim == 3 and a.shape[2] not in (1, 3):
-        a = a[:, None]  # (N, H, W) grey
-    elif a.ndim == 4 and (a.shape[1] in (1, 3)) != (a.shape[3] in (1, 3)):
-        a = a if a.shape[1] in (1, 3) else a.transpose(0, 3, 1, 2)  # NHWC -> NCHW view
-    else:
-        raise ValueError(f"cannot tell the layout of images of shape {a.shape}; fix: pass (N, H, W), "
-                         "(N, C, H, W) or (N, H, W, C) with exactly one axis of size C in {1, 3}")
-    if len(a) < 2:
-        raise ValueError(f"FID needs at least 2 images (a covariance), got {len(a)}; fix: pass more images")
-    if a.dtype != np.uint8:
-        lo, hi = float(a.min()), float(a.max())  # NaN propagates through min/max: no full-size temporary
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError("images contain NaN or inf; fix: check the sampler's output")
-        if lo < 0 or hi > 1:
-            raise ValueError(f"float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; "
-                             "fix: pass x in [0, 1] (or uint8 in [0, 255])")
-    return a
-
-
-def to_float255(batch, authors_minmax=False):
-    """uint8 (kept) or [0, 1] float (x * 255, not rounded) tensor -> float32 on [0, 255]."""
-    x = batch.to(torch.float32)
-    if batch.dtype != torch.uint8:
-        x = x * 255
-    if authors_minmax:  # authors' fid_score.py: (x - min) / (max - min) per GENERATED image, then * 255
-        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
-        x = (x - lo) / (hi - lo).clamp_min(1e-12) * 255  # a constant image becomes 0 (the authors' gives NaN)
-    return x
-
-
-def legacy_resize_matrix(n_in, n_out, device=None):
-    """(n_out, n_in) matrix of TF's legacy bilinear resize along one axis (align_corners=False,
-    half_pixel_centers=False): source = dst * in / out (no half-pixel shift, unlike F.interpolate),
-    left = floor(source), right = min(left + 1, in - 1), weights 1 - frac and frac."""
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32)  # TF computes the scale and coordinates in float32
-    src = torch.arange(n_out, dtype=torch.float32) * scale
-    left = src.floor().long()
-    right = (left + 1).clamp(max=n_in - 1)
-    frac = src - left
-    m = torch.zeros(n_out, n_in)
-    m[torch.arange(n_out), left] += 1 - frac
-    m[torch.arange(n_out), right] += frac  # two statements: at the right edge left == right, weights sum to 1
-    return m.to(device)
-
-
-def tf_legacy_resize(x, size=299):
-    """(N, C, H, W) -> (N, C, size, size): one interpolation matrix per axis, applied by matmul."""
-    mh = legacy_resize_matrix(x.shape[2], size, x.device)
-    mw = legacy_resize_matrix(x.shape[3], size, x.device)
-    return mh @ x @ mw.T  # (size, H) @ (N, C, H, W) @ (W, size)
-
-
-def inception_input(x255):
-    """(N, 1 or 3, H, W) float on [0, 255] -> (N, 3, 299, 299) on [-1, 1], as TTUR's graph does it."""
-    x = tf_legacy_resize(x255)                # resize first: grey needs 1 channel resized, not 3
-    x = x.expand(-1, 3, -1, -1)               # grey replicated to RGB (no-op for RGB)
-    return (x - 128) / 128                    # TTUR's graph: Sub 128, Mul 1/128
-
-
-def preprocess(batch, authors_minmax=False):
-    """uint8 / [0, 1] float (N, C, H, W) tensor -> Inception input."""
-    return inception_input(to_float255(batch, authors_minmax))
-
-# -----------------------------------------------------------------------------
-# features -> (mu, sigma) in float64 -> Frechet distance
-
-@torch.inference_mode()
-def features(images, model, batch_size=50, device="cpu", authors_minmax=False, progress=True):
-    """pool_3 features (N, 2048) float32 of an image array (module docstring), batch by batch."""
-    images = as_nchw(images)
-    n = len(images)
-    out = np.empty((n, 2048), np.float32)
-    t0 = time.time()
-    for b, i in enumerate(range(0, n, batch_size)):
-        batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # a copy: mmap is read-only
-        x = preprocess(batch, authors_minmax).contiguous(memory_format=torch.channels_last)
-        out[i:i + len(batch)] = model(x).float().cpu().numpy()
-        done = i + len(batch)
-        if progress and (b % 10 == 9 or done == n):
-            print(f"\rfid: {done}/{n} images, {done / (time.time() - t0):.1f} images/s",
-                  end="\n" if done == n else "", file=sys.stderr, flush=True)
-    return out
-
-
-def statistics(feats):
-    """Mean and covariance (np.cov, rowvar=False: 1/(N-1)) in float64, as TTUR and pytorch-fid."""
-    f = np.asarray(feats, dtype=np.float64)
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"need a (N >= 2, D) feature array, got shape {f.shape}; fix: pass more images")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def _factor(s):
-    """B with S = B B^T, from S = V W V^T: B = V sqrt(W) on S's nonzero directions only (the rest add
-    nothing to the trace below; S is PSD, so smaller W are rounding noise). (D, 0) if S = 0."""
-    w, v = np.linalg.eigh(s)
-    keep = w > max(w.max(), 0) * len(w) * np.finfo(np.float64).eps  # numpy's matrix_rank tolerance
-    return v[:, keep] * np.sqrt(w[keep])
-
-
-_reference_factor = {}  # {sha1 of S2: its factor}: one eigh per reference set and process, not one per FID
-
-
-def _product_eigenvalues(s1, s2):
-    # S1 S2 has the eigenvalues of B^T S1 B where S2 = B B^T (eig(XY) = eig(YX)). B^T S1 B is symmetric
-    # PSD, so eigvalsh does what scipy.linalg.sqrtm(S1 S2) does in TTUR, without scipy. S2 is the
-    # reference: it is the same in every FID of a run (Table 1: six), so its eigh, the one costly step,
-    # is done once; each FID then needs only the eigenvalues of B^T S1 B. With fewer reference images
-    # than dimensions B has few columns and the product is small.
-    key = hashlib.sha1(np.ascontiguousarray(s2).tobytes()).hexdigest()
-    if key not in _reference_factor:
-        _reference_factor.clear()  # keep one: a 2048 x 2048 factor is 34 MB
-        _reference_factor[key] = _factor(s2)
-    b = _reference_factor[key]
-    if b.shape[1] == 0:
-        return np.zeros(1)  # S2 = 0: S1 S2 = 0
-    a = b.T @ s1 @ b
-    return np.linalg.eigvalsh((a + a.T) / 2)
-
-
-# Exercise 8: the Frechet distance between two Gaussians, the FID of Section 5 (Heusel et al. 2017)
-def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
-    """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), float, for means (D,) and
-    covariances (D, D) (docs/protocol.md, "FID"; TTUR's fid.py).
-
-    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2 (_product_eigenvalues).
-    TTUR and pytorch-fid retry with eps * I added to both covariances when scipy's sqrtm returns
-    non-finite values, and raise when the root's diagonal has an imaginary part above 1e-3. Here:
-    retry when an eigenvalue is non-finite or below -1e-6 (a root with an imaginary part above
-    1e-3), raise if the retry still gives one. Rare either way: B^T S1 B is PSD by construction."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
-    d = len(mu1)
-    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}; "
-                         "fix: compare features of the same network layer")
-    if not all(np.isfinite(t).all() for t in (mu1, mu2, s1, s2)):
-        raise ValueError("statistics contain NaN or inf; fix: check the images / features")
-
-    def bad(lam):
-        return not np.isfinite(lam).all() or lam.min() < -1e-6
-
-    lam = _product_eigenvalues(s1, s2)
-    if bad(lam):
-        warnings.warn(f"fid: S1 S2 is near-singular; adding {eps} to the diagonal of both covariances (as TTUR)")
-        lam = _product_eigenvalues(s1 + eps * np.eye(d), s2 + eps * np.eye(d))
-        if bad(lam):
-            raise ValueError(f"sqrt(S1 S2) has an imaginary part {np.sqrt(-np.min(lam)):.3g} > 1e-3 even with "
-                             "eps added; fix: use more images than feature dimensions")
-    diff = mu1 - mu2
-    # traces of the ORIGINAL covariances, as TTUR and pytorch-fid (eps only enters the square root)
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
 
 # -----------------------------------------------------------------------------
 # reference statistics: the first n of a seeded permutation of a split, cached as .npz
