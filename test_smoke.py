@@ -612,6 +612,14 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert first["fid"] == fid_of("learned-gamma", "stage2_e0001/samples") and last["fid"] == summary["rows"]["two_stage"]["fid"]
     assert first["fid"] != last["fid"] and first["loggamma_z"] != last["loggamma_z"] == trial["loggamma_z"]
     assert state(out / "learned-gamma" / "seed0" / "stage2_e0001" / "stage2.pt")["epoch"] == 1
+    # stage 2 ran in two parts, the epoch-1 point scored before the second began (a fit that spans
+    # sessions lands each point it reached)
+    commands = [c for c in (out / "learned-gamma" / "seed0" / "log.txt").read_text().splitlines() if c.startswith("$ python ")]
+    parts = [i for i, c in enumerate(commands) if c.startswith("$ python stage2.py")]
+    point = [i for i, c in enumerate(commands) if c.startswith("$ python fid.py") and "stage2_e0001" in c]
+    assert [commands[i].split()[-2:] for i in parts] == [["--epochs", "1"], ["--epochs", "2"]]
+    assert len(point) == 2 and parts[0] < min(point) and max(point) < parts[1], commands
+    assert max(i for i, c in enumerate(commands) if "samples_stage1" in c) < parts[0]  # 1-stage scored before stage 2
     # training time from the checkpoints: stage 1's epoch 1 was trained in the long run, not here
     assert trial["epoch_seconds"]["stage1"]["epochs"] == 1 and trial["epoch_seconds"]["stage2"]["epochs"] == 2
     assert (tmp_path / "mnist_budget_curve.png").stat().st_size > 0 and (tmp_path / "mnist_stage2_curve.png").stat().st_size > 0

@@ -20,7 +20,10 @@ Each trial writes trial.json (and seconds.json, each step's wall time as the ste
 (mean +- std over seeds, the paper's numbers beside) is printed and written to --json.
 
 Resumable: re-run the same command after an interruption. A step is skipped when its output is
-newer than its input; stage 1 and stage 2 continue from their checkpoints (--resume).
+newer than its input; stage 1 and stage 2 continue from their checkpoints (--resume). With
+--stage2-curve, stage 2 runs in parts that end at the curve's epochs, and each point is sampled and
+scored as soon as stage 2 reaches it; the 1-stage FID comes before stage 2. So a trial that spans
+sessions lands each number it reached.
 
 A stage-1 snapshot of another run with the same settings and seed (stage1.py --snapshots) is used as
 the starting checkpoint when its epoch is the trial's: the lr schedule depends on the epoch only, so
@@ -96,12 +99,41 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     seconds_path = os.path.join(d, "seconds.json")
     seconds = read_json(seconds_path) or (read_json(os.path.join(d, "trial.json")) or {}).get("seconds", {})
 
-    def timed(key, script, args):
-        seconds[key] = run(script, args, log)
+    def timed(key, script, args, part=False):
+        seconds[key] = (seconds.get(key, 0) if part else 0) + run(script, args, log)  # a step run in parts: their sum
         save_atomic(seconds, seconds_path)
     record = {}
     common = ["--data", a.data, "--out", d] + (["--device", a.device] if a.device else [])
     fid_common = ["--data", a.data, "--data-root", a.data_root, "--n", a.fid_ref_n, "--cache", a.fid_cache] + (["--device", a.device] if a.device else [])
+
+    # samples and their FID (10,000 test images as reference, fid.py's cached statistics), in the
+    # standard convention (x * 255) and, unless --no-minmax, the authors' (each generated image
+    # min-max rescaled first: the paper's numbers)
+    def score(npy, tag):
+        fids = {}
+        for flag, suffix in [("", ".fid.json")] + ([("--authors-minmax", ".fid-authors-minmax.json")] if minmax else []):
+            out = npy[:-len(".npy")] + suffix
+            if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
+                timed(f"fid_{tag}{flag.replace('--', '_')}", "fid.py", fid_common + ["--samples", npy] + ([flag] if flag else []))
+            fids["fid_minmax" if flag else "fid"] = read_json(out)["fid"]
+        return fids
+
+    # a point of the stage-2 curve: the same stage 1, with stage 2 as it was after e of its epochs
+    # (stage2.py's snapshot stage2_eNNNN.pt), sampled and scored in a directory of its own, d/stage2_eNNNN/
+    def stage2_point(e):
+        s, snap = os.path.join(d, f"stage2_e{e:04d}"), os.path.join(d, f"stage2_e{e:04d}.pt")
+        if not os.path.exists(snap):
+            die(f"{snap} is missing; fix: delete {os.path.join(d, 'stage2.pt')} and run again: stage 2 is refitted, keeping that snapshot")
+        for src, name in ((ck1, "stage1.pt"), (snap, "stage2.pt")):
+            if not newer(os.path.join(s, name), src):
+                copy_atomic(src, os.path.join(s, name))
+        npy = os.path.join(s, "samples.npy")
+        if not (newer(npy, os.path.join(s, "stage1.pt"), os.path.join(s, "stage2.pt"))
+                and len(np.load(npy, mmap_mode="r")) == n_fid):
+            timed(f"sample_stage2_e{e}", "sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
+                  + (["--device", a.device] if a.device else []))
+        return {"loggamma_z": load_checkpoint(os.path.join(s, "stage2.pt"))["model"]["loggamma_z"].item(),
+                **score(npy, f"stage2_e{e}")}
 
     # stage 1 (stage1.py also encodes the training split: mu_z.npy, sigma_z.npy, latents.json)
     ck1, latents = os.path.join(d, "stage1.pt"), os.path.join(d, "latents.json")
@@ -121,43 +153,9 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     record.update(decoder=loss, seed=seed, stage1_epochs=e1, loggamma_x=done["loggamma_x"],
                   active_dims=done["active_dims"], n_fid=n_fid)
 
-    # stage 2, for the learned-gamma decoder only (the 2-Stage VAE's first stage)
-    samplers = [(1, "samples_stage1", latents)]
-    if loss == "learned-gamma":
-        ck2, summary2 = os.path.join(d, "stage2.pt"), os.path.join(d, "stage2.json")
-        done2 = read_json(summary2)
-        if not (done2 and done2["epoch"] == e2 and newer(summary2, latents) and os.path.exists(ck2)):
-            if os.path.exists(ck2) and not newer(ck2, latents):
-                os.remove(ck2)  # fitted to older latents: stage 2 starts again
-            if os.path.exists(ck2):
-                resume = ["--resume"]
-            else:  # a new fit: no snapshot or curve point of an older one may survive it
-                resume = ["--seed", seed]
-                for old in glob.glob(os.path.join(d, "stage2_e*")):
-                    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-            keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
-            keep = ["--snapshots", ",".join(map(str, keep))] if keep else []
-            timed("stage2", "stage2.py", common + resume + keep + ["--epochs", e2])
-            done2 = read_json(summary2)
-            if done2["epoch"] != e2:
-                die(f"{ck2} is at epoch {done2['epoch']}, not {e2}; fix: delete {ck2} to refit stage 2")
-        record.update(stage2_epochs=e2, loggamma_z=done2["loggamma_z"], mmd_stage1=done2["mmd_stage1"],
-                      mmd_stage2=done2["mmd_stage2"], mmd_estimator=done2["mmd_estimator"])
-        samplers.append((2, "samples", summary2))
-
-    # samples and their FID (10,000 test images as reference, fid.py's cached statistics), in the
-    # standard convention (x * 255) and, unless --no-minmax, the authors' (each generated image
-    # min-max rescaled first: the paper's numbers)
-    def score(npy, tag):
-        fids = {}
-        for flag, suffix in [("", ".fid.json")] + ([("--authors-minmax", ".fid-authors-minmax.json")] if minmax else []):
-            out = npy[:-len(".npy")] + suffix
-            if not (newer(out, npy) and read_json(out)["reference"]["n"] == a.fid_ref_n):
-                timed(f"fid_{tag}{flag.replace('--', '_')}", "fid.py", fid_common + ["--samples", npy] + ([flag] if flag else []))
-            fids["fid_minmax" if flag else "fid"] = read_json(out)["fid"]
-        return fids
-
-    for stage, name, source in samplers:
+    # samples of each sampler and their FIDs: 1-stage (z ~ N(0, I)) now, before stage 2's hours, and
+    # 2-stage (u -> z -> x) after it
+    def sample_and_score(stage, name, source):
         npy = os.path.join(d, f"{name}.npy")
         if not (newer(npy, source) and len(np.load(npy, mmap_mode="r")) == n_fid):
             timed(f"sample_stage{stage}", "sample.py", common + ["--stage", stage, "--n", n_fid, "--seed", seed])
@@ -165,8 +163,39 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
         record[key] = fids["fid"]
         if minmax:
             record[key + "_minmax"] = fids["fid_minmax"]
-    # the stage-2 budget curve: the same stage 1, with stage 2 as it was after e of its epochs, each
-    # snapshot sampled and scored in a directory of its own, d/stage2_eNNNN/
+
+    sample_and_score(1, "samples_stage1", latents)
+
+    # stage 2, for the learned-gamma decoder only (the 2-Stage VAE's first stage)
+    if loss == "learned-gamma":
+        ck2, summary2 = os.path.join(d, "stage2.pt"), os.path.join(d, "stage2.json")
+        done2 = read_json(summary2)
+        if not (done2 and done2["epoch"] == e2 and newer(summary2, latents) and os.path.exists(ck2)):
+            if os.path.exists(ck2) and not newer(ck2, latents):
+                os.remove(ck2)  # fitted to older latents: stage 2 starts again
+            if not os.path.exists(ck2):  # a new fit: no snapshot, curve point or time of an older one may survive it
+                for old in glob.glob(os.path.join(d, "stage2_e*")):
+                    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+                seconds.pop("stage2", None)
+            keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
+            snapshots = ["--snapshots", ",".join(map(str, keep))] if keep else []
+            # stage 2 in parts that end at the curve's epochs, each snapshot scored as soon as it exists, so
+            # that a fit spanning sessions lands the points it reached (resumed parts: the same parameters,
+            # bit for bit, as one uninterrupted fit; test_resume_equals_uninterrupted)
+            for target in keep + [e2]:
+                if not os.path.exists(ck2) or load_checkpoint(ck2)["epoch"] < target:
+                    start = ["--resume"] if os.path.exists(ck2) else ["--seed", seed]
+                    timed("stage2", "stage2.py", common + start + snapshots + ["--epochs", target], part=True)
+                if target < e2:
+                    stage2_point(target)
+            done2 = read_json(summary2)
+            if done2["epoch"] != e2:
+                die(f"{ck2} is at epoch {done2['epoch']}, not {e2}; fix: delete {ck2} to refit stage 2")
+        record.update(stage2_epochs=e2, loggamma_z=done2["loggamma_z"], mmd_stage1=done2["mmd_stage1"],
+                      mmd_stage2=done2["mmd_stage2"], mmd_estimator=done2["mmd_estimator"])
+        sample_and_score(2, "samples", summary2)
+
+    # the stage-2 budget curve (its points before e2 were scored as stage 2 reached them)
     if loss == "learned-gamma" and stage2_curve:
         record["stage2_curve"] = []
         for e in stage2_curve:
@@ -174,19 +203,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 point = {"loggamma_z": record["loggamma_z"], "fid": record["fid_two_stage"],
                          **({"fid_minmax": record["fid_two_stage_minmax"]} if minmax else {})}
             else:
-                s, snap = os.path.join(d, f"stage2_e{e:04d}"), os.path.join(d, f"stage2_e{e:04d}.pt")
-                if not os.path.exists(snap):
-                    die(f"{snap} is missing; fix: delete {ck2} and run again: stage 2 is refitted, keeping that snapshot")
-                for src, name in ((ck1, "stage1.pt"), (snap, "stage2.pt")):
-                    if not newer(os.path.join(s, name), src):
-                        copy_atomic(src, os.path.join(s, name))
-                npy = os.path.join(s, "samples.npy")
-                if not (newer(npy, os.path.join(s, "stage1.pt"), os.path.join(s, "stage2.pt"))
-                        and len(np.load(npy, mmap_mode="r")) == n_fid):
-                    timed(f"sample_stage2_e{e}", "sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
-                          + (["--device", a.device] if a.device else []))
-                point = {"loggamma_z": load_checkpoint(os.path.join(s, "stage2.pt"))["model"]["loggamma_z"].item(),
-                         **score(npy, f"stage2_e{e}")}
+                point = stage2_point(e)
             record["stage2_curve"].append({"stage2_epochs": e, **point})
     # training time from the checkpoints' own per-epoch record: it covers epochs trained in earlier
     # sessions or in the long run a snapshot came from, which `seconds` (this call's steps) does not
