@@ -630,6 +630,16 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert {p: p.read_text() for p in out.rglob("log.txt")} == logs  # nothing re-ran
     written = json.loads((tmp_path / "t1.json").read_text())
     assert written["rows"] == summary["rows"] and written["full"] == summary and "reduced" not in written
+    # a fit killed after its last epoch, before stage2.json was written: the re-run resumes stage 2 with
+    # nothing to train, which writes it, then samples and scores again, and the numbers are the same
+    learned = out / "learned-gamma" / "seed0"
+    before = (learned / "log.txt").read_text()
+    (learned / "stage2.json").unlink()
+    table1.main(args)
+    new = (learned / "log.txt").read_text()[len(before):]
+    assert [c.split()[2] for c in new.splitlines() if c.startswith("$ python ")] == ["stage2.py", "sample.py", "fid.py", "fid.py"]
+    assert "--resume" in new and not re.search(r"^epoch \d+/\d+ ", new, re.M)
+    assert json.loads((tmp_path / "t1.json").read_text())["full"]["rows"] == summary["rows"]
     # refused before any work: a trial whose snapshot the long run does not have yet; a --json that is not an object
     assert "stage1_e0003.pt is missing" in refused(table1.main, args + ["--decoders", "learned-gamma", "--stage1-epochs", "3",
                                                                       "--out", str(tmp_path / "other")])

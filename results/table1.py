@@ -16,8 +16,9 @@ seed, in its own directory <out>/<decoder>/seed<k>/. The learned-gamma trial giv
 Table 1 (2-stage sampling, and the same stage 1 sampled from N(0, I)); the other two give one each.
 Every row's FID is computed twice: in the standard convention (x * 255) and in the authors' (each
 generated image min-max rescaled first, as their fid_score.py does for the paper's numbers).
-Each trial writes trial.json (and seconds.json, each step's wall time as the step ends); the summary
-(mean +- std over seeds, the paper's numbers beside) is printed and written to --json.
+Each trial writes trial.json (and seconds.json, each step's wall time as the step ends; stage 2's
+is the sum of its finished parts, below); the summary (mean +- std over seeds, the paper's numbers
+beside) is printed and written to --json.
 
 Resumable: re-run the same command after an interruption. A step is skipped when its output is
 newer than its input; stage 1 and stage 2 continue from their checkpoints (--resume). With
@@ -173,17 +174,21 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
         if not (done2 and done2["epoch"] == e2 and newer(summary2, latents) and os.path.exists(ck2)):
             if os.path.exists(ck2) and not newer(ck2, latents):
                 os.remove(ck2)  # fitted to older latents: stage 2 starts again
-            if not os.path.exists(ck2):  # a new fit: no snapshot, curve point or time of an older one may survive it
-                for old in glob.glob(os.path.join(d, "stage2_e*")):
-                    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+            if not os.path.exists(ck2):  # a new fit: no snapshot, curve point, summary or training time of an older one may survive it
+                for old in glob.glob(os.path.join(d, "stage2_e*")) + [summary2]:
+                    if os.path.exists(old):
+                        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
                 seconds.pop("stage2", None)
+                save_atomic(seconds, seconds_path)
             keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
             snapshots = ["--snapshots", ",".join(map(str, keep))] if keep else []
             # stage 2 in parts that end at the curve's epochs, each snapshot scored as soon as it exists, so
-            # that a fit spanning sessions lands the points it reached (resumed parts: the same parameters,
-            # bit for bit, as one uninterrupted fit; test_resume_equals_uninterrupted)
+            # that a fit spanning sessions lands the points it reached (on the CPU, resumed parts give the
+            # same parameters, bit for bit, as one uninterrupted fit: test_resume_equals_uninterrupted).
+            # The last part always runs: a fit killed after its last epoch, before stage2.json was
+            # written, resumes with nothing to train and writes it.
             for target in keep + [e2]:
-                if not os.path.exists(ck2) or load_checkpoint(ck2)["epoch"] < target:
+                if target == e2 or not os.path.exists(ck2) or load_checkpoint(ck2)["epoch"] < target:
                     start = ["--resume"] if os.path.exists(ck2) else ["--seed", seed]
                     timed("stage2", "stage2.py", common + start + snapshots + ["--epochs", target], part=True)
                 if target < e2:
@@ -205,8 +210,9 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
             else:
                 point = stage2_point(e)
             record["stage2_curve"].append({"stage2_epochs": e, **point})
-    # training time from the checkpoints' own per-epoch record: it covers epochs trained in earlier
-    # sessions or in the long run a snapshot came from, which `seconds` (this call's steps) does not
+    # training time from the checkpoints' own per-epoch record: it covers the epochs of a call killed
+    # midway and those trained in the long run a snapshot came from, which `seconds` (the steps that
+    # finished, in this call or earlier ones) does not
     record["epoch_seconds"] = {f"stage{k}": epoch_seconds(ck) for k, ck in ((1, ck1), (2, os.path.join(d, "stage2.pt")))
                                if os.path.exists(ck)}
     record["seconds"] = seconds
@@ -305,7 +311,8 @@ def main(argv=None):
     p.add_argument("--curve-epochs", default="", help="snapshot epochs for the curve, e.g. 5,10,20,40")
     p.add_argument("--curve-n-fid", type=int, default=5000, help="samples per FID on the curve")
     p.add_argument("--stage2-curve", default="", help="stage-2 epochs at which the learned-gamma trials' 2-stage FID "
-                   "is measured too, from stage 2's snapshots, e.g. 100,200,400,800")
+                   "is measured too, from stage 2's snapshots, e.g. 100,200,400,800; stage 2 runs in parts ending there, "
+                   "each point scored when reached")
     p.add_argument("--out", default=None, help="trial directories go here (default runs/table1-<data>)")
     p.add_argument("--json", default=None, help="summary JSON (default <out>/summary.json)")
     p.add_argument("--json-key", default=None, help="write the summary under this key of --json, keeping the file's "
