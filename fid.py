@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage1 import DATA_ENV, default_device, load_images, reuse_freed_memory, versions  # the project's data loader and helpers
+from stage1 import DATA_ENV, check_device, default_device, load_images, reuse_freed_memory, versions  # the project's data loader and helpers
 
 # -----------------------------------------------------------------------------
 # config
@@ -524,6 +524,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.arrays) not in (0, 2) or (args.arrays and args.samples) or (not args.arrays and not args.data):
         p.error("pass either two arrays (a.npy b.npy) or --data [--samples PATH]")
+    check_device(args.device)
     if args.batch_size is None:
         # On the CPU, batches of 5 keep every activation (the largest: 5 x 64 x 147 x 147 floats, 28 MB)
         # under glibc's 32 MB mmap threshold, so with reuse_freed_memory() no page is faulted in afresh

@@ -21,15 +21,6 @@ import stage2
 from stage1 import DATA_ENV, die, load_checkpoint, save_atomic, save_grid
 
 
-def load_model(path, build, device, what):
-    ckpt = load_checkpoint(path)
-    if ckpt is None:
-        die(f"{path} is missing; fix: run `python {what}.py --out {os.path.dirname(path)}` first")
-    model = build(ckpt["config"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
-
-
 # Exercise 7: two-stage sampling u -> z -> x (Section 4, step 3)
 @torch.inference_mode()
 def generate(vae1, vae2, n, batch, device, z_noise=True):
@@ -53,6 +44,17 @@ def generate(vae1, vae2, n, batch, device, z_noise=True):
     return torch.cat(out)
 
 
+def load_model(path, build, device, script):
+    """A trained model in evaluation mode from its checkpoint, and the checkpoint; script names the
+    command that writes it, for the error when it is missing."""
+    ckpt = load_checkpoint(path)
+    if ckpt is None:
+        die(f"{path} is missing; fix: run `python {script}.py --out {os.path.dirname(path)}` first")
+    model = build(ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a Two-Stage VAE.", formatter_class=stage1.HelpWithDefaults)
     p.add_argument("--data", default="mnist", choices=sorted(stage1.SHAPES), help="data set (picks the default --out)")
@@ -67,8 +69,11 @@ def main(argv=None):
     p.add_argument("--device", default=stage1.default_device(), help="cuda or cpu (default: cuda when present)")
     p.add_argument("--data-root", default=os.environ.get(DATA_ENV, "./data"), help=f"for --recon (env {DATA_ENV})")
     args = p.parse_args(argv)
-    if args.n < 1:
-        die("--n must be at least 1")
+    if args.n < 1 or args.batch_size < 1:
+        die(f"--n {args.n} and --batch-size {args.batch_size}: each must be at least 1")
+    if args.no_z_noise and (args.recon or args.stage != 2):
+        die("--no-z-noise is about 2-stage sampling; fix: drop it, or use --stage 2 without --recon")
+    stage1.check_device(args.device)
     out = args.out or os.path.join("runs", args.data)
     torch.manual_seed(args.seed)
 
@@ -76,10 +81,10 @@ def main(argv=None):
     if ck1["config"]["data"] != args.data and args.out:
         die(f"{out}/stage1.pt was trained on {ck1['config']['data']}, not --data {args.data}; fix: pass --data {ck1['config']['data']}")
     vae2 = None
-    t0 = time.time()
     if args.recon:
         images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)
         images = images[torch.randperm(len(images))[:args.n]]  # a shuffled test subset, as the authors' demo.py
+        t0 = time.time()
         x = stage1.reconstruct(vae1, images, args.batch_size)
         name = "recon"
     else:
@@ -92,15 +97,16 @@ def main(argv=None):
             if ck2["stage1"] != stage1_source:
                 die(f"stage2.pt was fitted to stage-1 run {ck2['stage1']}, not to this stage1.pt {stage1_source}; "
                     f"fix: re-run `python stage2.py --out {out}` (delete the old stage2.pt first)")
-        if args.no_z_noise and args.stage != 2:
-            die("--no-z-noise is about 2-stage sampling; fix: drop it, or use --stage 2")
+        t0 = time.time()
         x = generate(vae1, vae2, args.n, args.batch_size, args.device, z_noise=not args.no_z_noise)
         name = "samples_stage1" if args.stage == 1 else "samples_no_z_noise" if args.no_z_noise else "samples"
     seconds = time.time() - t0
     path = os.path.join(out, f"{name}.npy")
     save_atomic(x.numpy().astype(np.float32), path)
     save_grid(x[:100], os.path.join(out, f"{name}.png"), nrow=10)
-    print(f"wrote {path} {tuple(x.shape)} and {name}.png ({len(x) / seconds:.0f} images/s)", flush=True)
+    models = f"stage 1 at epoch {ck1['epoch']}" + (f", stage 2 at epoch {ck2['epoch']}" if vae2 is not None else "") \
+        + (" (fitted with --fixed-z, the experiment)" if vae2 is not None and ck2["config"].get("fixed_z") else "")
+    print(f"wrote {path} {tuple(x.shape)} and {name}.png ({len(x) / seconds:.0f} images/s; {models})", flush=True)
 
 
 if __name__ == "__main__":

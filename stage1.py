@@ -488,6 +488,17 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name):
+    """--device, refused in one line when torch does not know it or this machine cannot run it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name} is not a device torch knows; fix: pass --device cpu or --device cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}: torch sees no CUDA GPU on this machine; fix: pass --device cpu")
+    return name
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -654,8 +665,13 @@ def start_or_resume(args, path, defaults):
             cfg["epochs"] = args.epochs
         if args.snapshots:
             cfg["snapshots"] = args.snapshots
-    if ckpt["config"]["epochs"] < 1:
-        die("--epochs must be at least 1")
+    cfg = ckpt["config"]
+    for k in ("epochs", "batch_size", "lr_epochs", "width", "depth"):  # width, depth: stage 2's MLP
+        if k in cfg and cfg[k] < 1:
+            die(f"--{k.replace('_', '-')} {cfg[k]}: must be at least 1")
+    if not cfg["lr"] > 0:
+        die(f"--lr {cfg['lr']}: must be above 0")
+    check_device(args.device)
     return ckpt
 
 

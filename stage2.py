@@ -11,7 +11,8 @@ Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py, and checked ag
 latents.json and stage1.pt, so that stage 2 never fits another run's latents) and writes
 runs/<data>/stage2.pt and stage2.json (loggamma_z and Table 3's MMD of q(z) and q(u) to N(0, I)).
 Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image
-(docs/protocol.md, "Between the stages"). The training loop is stage1.fit.
+(docs/protocol.md, "Between the stages"; `--fixed-z` is the experiment that does the latter). The
+training loop is stage1.fit.
 """
 import argparse
 import json
@@ -59,11 +60,13 @@ class Stage2VAE(nn.Module):
         super().__init__()
         self.encoder = MLP(latent_dim, width, depth, outputs=2)  # -> mu_u, log sigma_u
         self.decoder = MLP(latent_dim, width, depth, outputs=1)  # -> z_hat (linear output)
-        # the log of a standard deviation, like stage 1's loggamma_x, init 0. Here d = r = kappa, so
-        # the (d - r) log gamma term (the paper's gamma, a variance) that drives stage 1's gamma to 0
-        # without bound is absent (Section 4) and the cost is bounded below. Theorem 3 still puts the
-        # optimum at gamma_z -> 0 (q(z) is not Gaussian), without that pull; how far it falls in a
-        # finite run is what we measure (docs/protocol.md, "Stage 2").
+        # the log of a standard deviation, like stage 1's loggamma_x, init 0. With fresh z, q(z) is
+        # a density on all of R^kappa: d = r = kappa, so the (d - r) log gamma term (the paper's gamma,
+        # a variance) that drives stage 1's gamma to 0 without bound is absent (Section 4) and the cost
+        # is bounded below (Section 2.1, after eq. (3)). Theorem 3 still puts the optimum at gamma_z ->
+        # 0 (q(z) is not Gaussian), without that pull; how far it falls in a finite run is what we
+        # measure (docs/protocol.md, "Stage 2"). Not so with --fixed-z: n fixed points have r = 0,
+        # and the pull, unbounded, is back.
         self.loggamma_z = nn.Parameter(torch.zeros(()))
 
     def encode(self, z):
@@ -138,31 +141,32 @@ def mmd_to_standard_normal(samples, seed=0, block=2000):
 
 def load_latents(out, stage1):
     """mu_z, sigma_z from stage 1, checked: a clear error names the file and the command that makes it."""
-    make = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
+    fix_cmd = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
     record = os.path.join(out, "latents.json")
-    source = json.load(open(record)) if os.path.exists(record) else None
-    if source is None or [source.get("run_id"), source.get("epoch")] != [stage1["config"]["run_id"], stage1["epoch"]]:
-        die(f"{record} says the latents come from {source}, not from stage1.pt (epoch {stage1['epoch']}); "
+    latents_record = json.load(open(record)) if os.path.exists(record) else None
+    if latents_record is None or ([latents_record.get("run_id"), latents_record.get("epoch")]
+                                  != [stage1["config"]["run_id"], stage1["epoch"]]):
+        die(f"{record} says the latents come from {latents_record}, not from stage1.pt (epoch {stage1['epoch']}); "
             f"fix: finish the stage-1 run: `python stage1.py --out {out} --resume`")
     arrays = []
     for name in ("mu_z", "sigma_z"):
         path = os.path.join(out, f"{name}.npy")
         if not os.path.exists(path):
-            die(f"{path} is missing; fix: {make}")
+            die(f"{path} is missing; fix: {fix_cmd}")
         try:
             a = np.load(path)
         except Exception as e:
-            die(f"{path} is not a readable .npy ({type(e).__name__}); fix: {make}")
+            die(f"{path} is not a readable .npy ({type(e).__name__}); fix: {fix_cmd}")
         if a.ndim != 2 or a.shape[0] < 2 or not np.issubdtype(a.dtype, np.floating):
-            die(f"{path} has shape {a.shape} and dtype {a.dtype}, expected float (n, kappa); fix: {make}")
+            die(f"{path} has shape {a.shape} and dtype {a.dtype}, expected float (n, kappa); fix: {fix_cmd}")
         if not np.isfinite(a).all():
-            die(f"{path} holds NaN or inf; fix: {make}")
+            die(f"{path} holds NaN or inf; fix: {fix_cmd}")
         arrays.append(a.astype(np.float32))
     mu_z, sigma_z = arrays
     if mu_z.shape != sigma_z.shape:
-        die(f"mu_z {mu_z.shape} and sigma_z {sigma_z.shape} in {out} do not match; fix: {make}")
+        die(f"mu_z {mu_z.shape} and sigma_z {sigma_z.shape} in {out} do not match; fix: {fix_cmd}")
     if (sigma_z <= 0).any():
-        die(f"{os.path.join(out, 'sigma_z.npy')} has sigma_z <= 0; fix: {make}")
+        die(f"{os.path.join(out, 'sigma_z.npy')} has sigma_z <= 0; fix: {fix_cmd}")
     return mu_z, sigma_z
 
 
@@ -186,42 +190,48 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.mmd_n < 2:
+        die(f"--mmd-n {args.mmd_n}: the unbiased MMD needs at least 2 samples per side; fix: pass --mmd-n 2 or more")
     out = args.out or os.path.join("runs", args.data)
     path = os.path.join(out, "stage2.pt")
     stage1 = load_checkpoint(os.path.join(out, "stage1.pt"))
     if stage1 is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
+    if stage1["config"]["data"] != args.data:
+        die(f"{out}/stage1.pt was trained on {stage1['config']['data']}, not --data {args.data}; "
+            f"fix: pass --data {stage1['config']['data']}")
     mu_z, sigma_z = load_latents(out, stage1)
     ckpt = start_or_resume(args, path, STAGE2_DEFAULTS)
     cfg = ckpt["config"]
     cfg["latent_dim"] = mu_z.shape[1]
     # which stage-1 run these latents come from; sample.py refuses to mix runs
-    source = {"run_id": stage1["config"]["run_id"], "epoch": stage1["epoch"], "data": stage1["config"]["data"]}
-    if ckpt["epoch"] > 0 and ckpt["stage1"] != source:
-        die(f"{path} was trained on stage-1 run {ckpt['stage1']}, but {out} now holds {source}; "
+    stage1_run = {"run_id": stage1["config"]["run_id"], "epoch": stage1["epoch"], "data": stage1["config"]["data"]}
+    if ckpt["epoch"] > 0 and ckpt["stage1"] != stage1_run:
+        die(f"{path} was trained on stage-1 run {ckpt['stage1']}, but {out} now holds {stage1_run}; "
             f"fix: start stage 2 afresh (delete {path}) after re-running stage 1")
-    ckpt["stage1"] = source
+    ckpt["stage1"] = stage1_run
     torch.manual_seed(cfg["seed"])
 
     mu_z, sigma_z = torch.from_numpy(mu_z).to(args.device), torch.from_numpy(sigma_z).to(args.device)
-    print(f"stage 2 | latents {tuple(mu_z.shape)} from stage-1 epoch {source['epoch']} | {cfg['epochs']} epochs | "
+    print(f"stage 2 | latents {tuple(mu_z.shape)} from stage-1 epoch {stage1_run['epoch']} | {cfg['epochs']} epochs | "
           f"device {args.device} | out {out}", flush=True)
     model = build_model(cfg).to(args.device)
     opt = make_optimizer(model, cfg["lr"])
     restore(ckpt, model, opt)
 
-    if cfg.get("fixed_z"):  # the experiment: one draw per image, the same at every epoch and on --resume
+    if not cfg.get("fixed_z"):  # the method: fit hands each batch's rows of (mu_z, sigma_z) to the loss,
+        # which draws a fresh z ~ q(z|x) for them at every step
+        fit(model, opt, ckpt, (mu_z, sigma_z), lambda mu, sigma: stage2_loss(model, fresh_z(mu, sigma)), path, "loggamma_z")
+    else:  # the experiment: one draw per image, the same at every epoch and on --resume
         g = torch.Generator(mu_z.device).manual_seed(cfg["seed"])
         z = mu_z + sigma_z * torch.randn(mu_z.shape, generator=g, device=mu_z.device)
         fit(model, opt, ckpt, (z,), lambda z: stage2_loss(model, z), path, "loggamma_z")
-    else:
-        fit(model, opt, ckpt, (mu_z, sigma_z), lambda mu, sigma: stage2_loss(model, fresh_z(mu, sigma)), path, "loggamma_z")
 
     # Table 3: the MMD of q(z) (what 1-stage sampling wrongly assumes is N(0, I)) and of q(u) (what
     # 2-stage sampling assumes) to N(0, I); stage 2 should bring it close to 0.
     model.eval()
     z, u = aggregate_posterior_samples(model, mu_z.cpu(), sigma_z.cpu(), min(args.mmd_n, len(mu_z)))
-    summary = {"epoch": ckpt["epoch"], "loggamma_z": model.loggamma_z.item(), "stage1": source,
+    summary = {"epoch": ckpt["epoch"], "fixed_z": bool(cfg.get("fixed_z")), "loggamma_z": model.loggamma_z.item(), "stage1": stage1_run,
                "mmd_stage1": mmd_to_standard_normal(z), "mmd_stage2": mmd_to_standard_normal(u),
                "mmd_estimator": f"unbiased MMD^2, IMQ kernel C = 2 kappa, n = {len(z)}"}
     save_atomic(summary, os.path.join(out, "stage2.json"))

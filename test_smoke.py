@@ -503,6 +503,31 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny, tmp_path):
     stage1.main(["--out", str(run_dir), "--resume", "--lr", "1e-4", "--seed", "1", "--epochs", "2", "--data-root", tiny.root])
 
 
+def test_bad_flag_values_are_refused_in_one_line_before_anything_is_written(tiny, tmp_path):
+    """Each would otherwise end in a traceback (a zero batch or lr period divides by zero, a zero
+    depth breaks a matrix shape, --mmd-n 1 divides by zero after all of training) or, worse, in a
+    silently wrong run (a negative --lr-epochs doubles the lr)."""
+    run_dir = copy_run(tiny, tmp_path / "run", stage2_too=False)
+    new = tmp_path / "new"
+    for main, flags, said in (
+            (stage1.main, ["--batch-size", 0], "--batch-size 0: must be at least 1"),
+            (stage1.main, ["--lr-epochs", -150], "--lr-epochs -150: must be at least 1"),
+            (stage1.main, ["--lr", 0], "--lr 0.0: must be above 0"),
+            (stage1.main, ["--device", "gpu"], "--device gpu is not a device torch knows"),
+            (stage2.main, ["--depth", 0], "--depth 0: must be at least 1"),
+            (stage2.main, ["--width", -8], "--width -8: must be at least 1"),
+            (stage2.main, ["--mmd-n", 1], "--mmd-n 1: the unbiased MMD needs at least 2"),
+            (stage2.main, ["--data", "fashion"], "trained on mnist, not --data fashion; fix: pass --data mnist"),
+            (sample.main, ["--batch-size", 0], "--batch-size 0: each must be at least 1"),
+            (sample.main, ["--recon", "--no-z-noise"], "--no-z-noise is about 2-stage sampling"),
+            (sample.main, ["--device", "gpu"], "--device gpu is not a device torch knows"),
+            (fid.main, ["--data", "mnist", "--samples", run_dir / "none.npy", "--device", "gpu"], "--device gpu is not")):
+        where = (["--out", new, "--data-root", tiny.root] if main is stage1.main else
+                 [] if main is fid.main else ["--out", run_dir])
+        assert said in refused(main, where + flags), (main.__module__, flags)
+    assert not new.exists() and sorted(p.name for p in run_dir.glob("stage2*")) == []  # nothing written
+
+
 def test_stage2_fixed_z_is_one_draw_per_image(tiny, tmp_path, monkeypatch):
     """--fixed-z, the course's experiment: stage 2 sees the same z for an image at every epoch;
     the default draws a fresh one for every batch. Checked through what each run fed to stage2_loss."""
