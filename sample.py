@@ -57,7 +57,8 @@ def load_model(path, build, device, script):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a Two-Stage VAE.", formatter_class=stage1.HelpWithDefaults)
-    p.add_argument("--data", default="mnist", choices=sorted(stage1.SHAPES), help="data set (picks the default --out)")
+    p.add_argument("--data", choices=sorted(stage1.SHAPES), help="data set: picks the default --out, runs/<data> "
+                   "(default: mnist; with --out: the run's)")
     p.add_argument("--out", default=None, help="run directory holding stage1.pt / stage2.pt (default: runs/<data>)")
     p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="2: u -> z -> x; 1: z ~ N(0, I) -> x")
     p.add_argument("--recon", action="store_true", help="reconstruct test images with stage 1 instead of sampling (--stage is then unused)")
@@ -74,12 +75,13 @@ def main(argv=None):
     if args.no_z_noise and (args.recon or args.stage != 2):
         die("--no-z-noise is about 2-stage sampling; fix: drop it, or use --stage 2 without --recon")
     stage1.check_device(args.device)
-    out = args.out or os.path.join("runs", args.data)
+    out = args.out or os.path.join("runs", args.data or "mnist")
     torch.manual_seed(args.seed)
 
     vae1, ck1 = load_model(os.path.join(out, "stage1.pt"), stage1.build_model, args.device, "stage1")
-    if ck1["config"]["data"] != args.data and args.out:
-        die(f"{out}/stage1.pt was trained on {ck1['config']['data']}, not --data {args.data}; fix: pass --data {ck1['config']['data']}")
+    if args.data and args.data != ck1["config"]["data"]:
+        die(f"{out}/stage1.pt was trained on {ck1['config']['data']}, not --data {args.data}; "
+            f"fix: pass --data {ck1['config']['data']}, or none")
     vae2 = None
     if args.recon:
         images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)

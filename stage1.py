@@ -20,7 +20,8 @@ checkpoint they come from, loggamma_x, used dimensions) and stage1_recon.png (da
 reconstructions below).
 
 Reading order: data, model, loss (eq. (2), eq. (8), eq. (9)), the training loop, encoding for stage 2, main.
-Everything the paper does not describe (checkpoints, RNG, atomic writes, flags) is at the end.
+Everything the paper does not describe (die(), the one-line error every check uses; checkpoints,
+RNG, atomic writes, flags; torchvision's readers) is at the end; the defaults, STAGE1_DEFAULTS, follow main.
 The protocol's details, with the paper's and the authors' code's sources: docs/protocol.md.
 
 Notation: our gamma_x = exp(loggamma_x) is a STANDARD DEVIATION, as in the authors' code; the
@@ -338,7 +339,7 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
     steps = n // batch
     if steps == 0:
         die(f"{n} examples is fewer than one batch of {batch}; fix: lower --batch-size"
-            + (" or raise --limit" if "limit" in cfg else ""))
+            + (" or raise --limit" if cfg.get("limit") else ""))
     keep_start_snapshot(ckpt, path)
     progress = progress_printer(cfg, ckpt["epoch"], steps, device, progress_every, forecast_after)
     for epoch in range(ckpt["epoch"], cfg["epochs"]):
@@ -399,10 +400,12 @@ def reconstruct(model, images, batch=500):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = args.out or os.path.join("runs", args.data)
+    out = args.out or os.path.join("runs", args.data or STAGE1_DEFAULTS["data"])
     path = os.path.join(out, "stage1.pt")
     ckpt = start_or_resume(args, path, STAGE1_DEFAULTS)
     cfg = ckpt["config"]
+    if cfg["arch"] == "wae" and cfg["data"] != "celeba":  # before the data are read (VAE() checks the shape again)
+        die(f"--arch wae is defined for 64x64 RGB images (celeba), not {cfg['data']}; fix: use --arch infogan")
     torch.manual_seed(cfg["seed"])
 
     images = load_images(cfg["data"], args.data_root, train=True)
@@ -436,7 +439,7 @@ def main(argv=None):
 
 
 # The authors' protocol (their demo.py) as defaults (docs/protocol.md): flags that define a run, fixed at its start.
-STAGE1_DEFAULTS = {"epochs": 400, "lr": 1e-4, "lr_epochs": 150, "batch_size": 64, "seed": 0,
+STAGE1_DEFAULTS = {"data": "mnist", "epochs": 400, "lr": 1e-4, "lr_epochs": 150, "batch_size": 64, "seed": 0,
                    "arch": "infogan", "loss": "learned-gamma", "latent_dim": 64, "limit": 0, "bn_momentum": 0.001}
 
 
@@ -493,9 +496,12 @@ def check_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        die(f"--device {name} is not a device torch knows; fix: pass --device cpu or --device cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {name}: torch sees no CUDA GPU on this machine; fix: pass --device cpu")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        die(f"--device {name} is not a device these scripts run on; fix: pass --device cpu or --device cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        die(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) on this machine; "
+            f"fix: pass --device cpu{', or cuda:0 to cuda:' + str(torch.cuda.device_count() - 1) if torch.cuda.device_count() else ''}")
     return name
 
 
@@ -565,7 +571,7 @@ def snapshot_epochs(cfg):
 def keep_start_snapshot(ckpt, path):
     """A snapshot epoch listed (--snapshots on --resume) only after that epoch was trained: copy it now."""
     cfg, start = ckpt["config"], ckpt["epoch"]
-    if start in snapshot_epochs(cfg) and start < cfg["epochs"] and not os.path.exists(snapshot_path(path, start)):
+    if 0 < start < cfg["epochs"] and start in snapshot_epochs(cfg) and not os.path.exists(snapshot_path(path, start)):
         copy_atomic(path, snapshot_path(path, start))
 
 
@@ -604,8 +610,9 @@ def end_epoch(model, opt, ckpt, path, loggamma_name, epoch, means, seconds, imag
     atomically, and print the epoch's line."""
     cfg, (loss, rec, kl), loggamma = ckpt["config"], means, getattr(model, loggamma_name)
     if not all(math.isfinite(v) for v in means) or not torch.isfinite(loggamma).item():
+        kept = f"{path} still holds epoch {ckpt['epoch']}" if ckpt["epoch"] else "nothing was saved"
         die(f"training diverged in epoch {epoch + 1} (loss {loss}, {loggamma_name} {loggamma.item()}); "
-            f"{path} still holds epoch {ckpt['epoch']}; fix: start afresh in a new --out with a lower --lr or another --seed")
+            f"{kept}; fix: start afresh in a new --out with a lower --lr or another --seed")
     ckpt["history"].append({"epoch": epoch + 1, "loss": loss, "rec": rec, "kl": kl,
                             loggamma_name: loggamma.item(), "lr": opt.param_groups[0]["lr"], "seconds": seconds})
     ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
@@ -614,8 +621,10 @@ def end_epoch(model, opt, ckpt, path, loggamma_name, epoch, means, seconds, imag
         link_atomic(snapshot_path(path, epoch + 1), path)
     else:
         save_atomic(ckpt, path)
+    gamma = {"fixed-gamma": f"{loggamma_name} 0 (fixed)", "cross-entropy": "no gamma (cross-entropy)"}.get(
+        cfg.get("loss"), f"{loggamma_name} {loggamma.item():.4f}")  # stage 2 has no --loss: learned
     print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.2f} | rec {rec:.2f} | kl {kl:.2f} | "
-          f"{loggamma_name} {loggamma.item():.4f} | {images / seconds:.0f} img/s | "
+          f"{gamma} | {images / seconds:.0f} img/s | "
           f"ETA {fmt_time(seconds * (cfg['epochs'] - epoch - 1))}", flush=True)
 
 
@@ -656,21 +665,29 @@ def start_or_resume(args, path, defaults):
         ckpt = {"config": config, "epoch": 0, "history": [], "versions": versions()}
     else:
         cfg = ckpt["config"]
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {cfg.get(k)})" for k in defaults
-                   if k != "epochs" and getattr(args, k, None) is not None and getattr(args, k) != cfg.get(k)]
+        # a key a run older than its flag lacks: that run had the default
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {cfg.get(k, defaults[k])})" for k in defaults
+                   if k != "epochs" and getattr(args, k, None) is not None and getattr(args, k) != cfg.get(k, defaults[k])]
         if changed:
             die(f"--resume keeps the run's settings, but {', '.join(changed)} would change them; "
                 f"fix: drop {'those flags' if len(changed) > 1 else 'that flag'}, or start a new run in another --out")
+        if args.epochs is not None and args.epochs < ckpt["epoch"]:
+            die(f"--epochs {args.epochs} is below the {ckpt['epoch']} epochs {path} has already trained; "
+                f"fix: pass --epochs {ckpt['epoch']} or more (or use its snapshots stage<k>_eNNNN.pt, if kept)")
         if args.epochs is not None:  # extending a run: the lr schedule depends on the epoch only
             cfg["epochs"] = args.epochs
         if args.snapshots:
             cfg["snapshots"] = args.snapshots
     cfg = ckpt["config"]
-    for k in ("epochs", "batch_size", "lr_epochs", "width", "depth"):  # width, depth: stage 2's MLP
+    for k in ("epochs", "batch_size", "lr_epochs", "latent_dim", "width", "depth"):  # width, depth: stage 2's MLP
         if k in cfg and cfg[k] < 1:
             die(f"--{k.replace('_', '-')} {cfg[k]}: must be at least 1")
     if not cfg["lr"] > 0:
         die(f"--lr {cfg['lr']}: must be above 0")
+    if cfg.get("limit", 0) < 0:
+        die(f"--limit {cfg['limit']}: must be 0 (all images) or more")
+    if not 0 < cfg.get("bn_momentum", 0.001) <= 1:
+        die(f"--bn-momentum {cfg['bn_momentum']}: must be in (0, 1] (the authors': 0.001)")
     check_device(args.device)
     return ckpt
 
@@ -721,7 +738,7 @@ def save_reconstructions(model, images, path, n=16):
 
 
 def epoch_list(text):
-    if not all(e.strip().isdigit() for e in text.split(",") if e.strip()):
+    if not all(e.strip().isdigit() and int(e) >= 1 for e in text.split(",") if e.strip()):
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of epochs; fix: e.g. --snapshots 5,10,20")
     return text
 
@@ -737,7 +754,7 @@ def common_flags(p, defaults):
     """Flags both stages share. Those that define a run default to None here and take the paper's
     value (defaults) when a run starts, so that --resume can tell a flag given from one left out."""
     d = defaults
-    p.add_argument("--data", default="mnist", choices=sorted(SHAPES), help="data set (default: mnist)")
+    p.add_argument("--data", choices=sorted(SHAPES), help="data set (default: mnist; on --resume: the run's)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
     p.add_argument("--epochs", type=int, help=f"total epochs (default: {d['epochs']}, the authors'; on --resume: the run's)")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d['lr']:g}, the authors')")

@@ -192,14 +192,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.mmd_n < 2:
         die(f"--mmd-n {args.mmd_n}: the unbiased MMD needs at least 2 samples per side; fix: pass --mmd-n 2 or more")
-    out = args.out or os.path.join("runs", args.data)
+    out = args.out or os.path.join("runs", args.data or "mnist")
     path = os.path.join(out, "stage2.pt")
     stage1 = load_checkpoint(os.path.join(out, "stage1.pt"))
     if stage1 is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
-    if stage1["config"]["data"] != args.data:
+    if args.data and args.data != stage1["config"]["data"]:
         die(f"{out}/stage1.pt was trained on {stage1['config']['data']}, not --data {args.data}; "
-            f"fix: pass --data {stage1['config']['data']}")
+            f"fix: pass --data {stage1['config']['data']}, or none")
+    args.data = stage1["config"]["data"]  # without --data: the stage-1 run's
     mu_z, sigma_z = load_latents(out, stage1)
     ckpt = start_or_resume(args, path, STAGE2_DEFAULTS)
     cfg = ckpt["config"]

@@ -12,6 +12,7 @@ stage 2 in this process) and shared; tests that change a run work on a copy. Eac
 stage2.py, sample.py and fid.py runs through the real command line (a subprocess) where that is what
 a test is about; everything else calls the scripts' main() in this process, which runs the same code
 without paying Python's and torch's start-up (about 2.5 s with torchvision) for each call."""
+import argparse
 import copy
 import gzip
 import importlib.util
@@ -513,18 +514,28 @@ def test_bad_flag_values_are_refused_in_one_line_before_anything_is_written(tiny
             (stage1.main, ["--batch-size", 0], "--batch-size 0: must be at least 1"),
             (stage1.main, ["--lr-epochs", -150], "--lr-epochs -150: must be at least 1"),
             (stage1.main, ["--lr", 0], "--lr 0.0: must be above 0"),
-            (stage1.main, ["--device", "gpu"], "--device gpu is not a device torch knows"),
+            (stage1.main, ["--device", "gpu"], "--device gpu is not a device these scripts run on"),
+            (stage1.main, ["--device", "meta"], "--device meta is not a device these scripts run on"),
+            (stage1.main, ["--latent-dim", 0], "--latent-dim 0: must be at least 1"),
+            (stage1.main, ["--limit", -5], "--limit -5: must be 0 (all images) or more"),
+            (stage1.main, ["--bn-momentum", 0], "--bn-momentum 0.0: must be in (0, 1]"),
+            (stage1.main, ["--arch", "wae"], "--arch wae is defined for 64x64 RGB images (celeba), not mnist"),
             (stage2.main, ["--depth", 0], "--depth 0: must be at least 1"),
             (stage2.main, ["--width", -8], "--width -8: must be at least 1"),
             (stage2.main, ["--mmd-n", 1], "--mmd-n 1: the unbiased MMD needs at least 2"),
             (stage2.main, ["--data", "fashion"], "trained on mnist, not --data fashion; fix: pass --data mnist"),
             (sample.main, ["--batch-size", 0], "--batch-size 0: each must be at least 1"),
             (sample.main, ["--recon", "--no-z-noise"], "--no-z-noise is about 2-stage sampling"),
-            (sample.main, ["--device", "gpu"], "--device gpu is not a device torch knows"),
+            (sample.main, ["--device", "gpu"], "--device gpu is not a device these scripts run on"),
             (fid.main, ["--data", "mnist", "--samples", run_dir / "none.npy", "--device", "gpu"], "--device gpu is not")):
         where = (["--out", new, "--data-root", tiny.root] if main is stage1.main else
                  [] if main is fid.main else ["--out", run_dir])
         assert said in refused(main, where + flags), (main.__module__, flags)
+    # --resume: a shorter run than the checkpoint's, or another data set, would silently do nothing or the wrong thing
+    assert "--epochs 1 is below the 2 epochs" in refused(stage1.main, ["--out", run_dir, "--resume", "--epochs", 1, "--data-root", tiny.root])
+    assert "--data fashion (the run's: mnist)" in refused(stage1.main, ["--out", run_dir, "--resume", "--data", "fashion"])
+    with pytest.raises(argparse.ArgumentTypeError):  # an epoch-0 snapshot would copy a checkpoint not yet written
+        stage1.epoch_list("0,5")
     assert not new.exists() and sorted(p.name for p in run_dir.glob("stage2*")) == []  # nothing written
 
 
