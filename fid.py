@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +97,7 @@ _reference_factor = {}  # {sha1 of S2: its factor}: one eigh per reference set a
 def _product_eigenvalues(s1, s2):
     # S1 S2 has the eigenvalues of B^T S1 B where S2 = B B^T (eig(XY) = eig(YX)). B^T S1 B is symmetric
     # PSD, so eigvalsh does what scipy.linalg.sqrtm(S1 S2) does in TTUR, without scipy. S2 is the
-    # reference: it is the same in every FID of a run (Table 1: six), so its eigh, the one costly step,
+    # reference: it is the same in every FID of a run (results/table1.py: every FID it scores), so its eigh, the one costly step,
     # is done once; each FID then needs only the eigenvalues of B^T S1 B. With fewer reference images
     # than dimensions B has few columns and the product is small.
     key = hashlib.sha1(np.ascontiguousarray(s2).tobytes()).hexdigest()
@@ -135,12 +134,13 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
         return not np.isfinite(lam).all() or lam.min() < -1e-6
 
     lam = _product_eigenvalues(s1, s2)
-    if bad(lam):
-        warnings.warn(f"fid: S1 S2 is near-singular; adding {eps} to the diagonal of both covariances (as TTUR)")
+    if bad(lam):  # said every time (a warning would be said once per process), on stderr: into the driver's logs
+        print(f"fid: S1 S2 is near-singular; adding {eps} to the diagonal of both covariances (as TTUR)", file=sys.stderr, flush=True)
         lam = _product_eigenvalues(s1 + eps * np.eye(d), s2 + eps * np.eye(d))
         if bad(lam):
-            raise ValueError(f"sqrt(S1 S2) has an imaginary part {np.sqrt(-np.min(lam)):.3g} > 1e-3 even with "
-                             "eps added; fix: use more images than feature dimensions")
+            what = ("non-finite eigenvalues" if not np.isfinite(lam).all()
+                    else f"an imaginary part {np.sqrt(-np.min(lam)):.3g} > 1e-3")
+            raise ValueError(f"sqrt(S1 S2) has {what} even with eps added; fix: use more images than feature dimensions")
     diff = mu1 - mu2
     # traces of the ORIGINAL covariances, as TTUR and pytorch-fid (eps only enters the square root)
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
@@ -454,7 +454,10 @@ def load_inception(path=None, device="cpu"):
 
 @functools.lru_cache(maxsize=2)  # results/table1.py computes several FIDs in one process: load once
 def _load_inception(weights, device):
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated download, another file format: one line, not a traceback
+        raise ValueError(f"{weights} is not a readable torch state_dict ({type(e).__name__}); fix: use {WEIGHTS_NAME}") from None
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier not needed for pool_3
     model = FIDInceptionV3()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -539,6 +542,9 @@ def main(argv=None):
         convention = AUTHORS if args.authors_minmax else STANDARD
         if args.arrays:
             loaded = [_load_array_or_stats(path) for path in args.arrays]  # both checked before the slow part
+            if args.authors_minmax and isinstance(loaded[0], tuple):
+                raise ValueError(f"--authors-minmax rescales the generated images, but {args.arrays[0]} holds statistics; "
+                                 "fix: pass the generated .npy images first")
             stats = [x if isinstance(x, tuple) else  # the second array is the real set: never min-max rescaled
                      statistics(features(x, model, args.batch_size, args.device, args.authors_minmax and i == 0))
                      for i, x in enumerate(loaded)]

@@ -994,6 +994,17 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
         fid.main(["a.npy", "nan.npy", "--inception", str(FID_WEIGHTS)])
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "fid.py: error: nan.npy: images contain NaN or inf; fix: check the sampler's output"]
+    # --authors-minmax rescales the first array's images: statistics there cannot be, and are refused
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(SystemExit) as e:
+        fid.main(["s.npz", "b.npy", "--authors-minmax", "--inception", str(FID_WEIGHTS)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "s.npz holds statistics; fix: pass the generated .npy images first" in err[0]
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")  # e.g. a truncated download
+    with pytest.raises(SystemExit) as e:
+        fid.main(["a.npy", "b.npy", "--inception", "bad.pth"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "bad.pth is not a readable torch state_dict" in err[0], err
 
 
 def test_fid_cli_samples_writes_json_and_reuses_cache(inception, tmp_path, monkeypatch, capsys):
