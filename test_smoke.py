@@ -623,10 +623,12 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     # the learned-gamma trial started from the long run's epoch-1 snapshot (no training of its own),
     # and each row's FID is the one fid.py wrote beside that row's samples
     trial = summary["trials"]["learned-gamma/seed0"]
-    assert trial["seconds"]["stage1_from"] == str(long_run / "stage1_e0001.pt")
-    # each step's time is also saved as the step ends (a call killed midway keeps them)
+    assert trial["stage1_from"] == str(long_run / "stage1_e0001.pt")
+    # each step's time is also saved as the step ends (a call killed midway keeps them); from a
+    # snapshot, stage1.py only encoded, and its time says so
     assert json.loads((out / "learned-gamma" / "seed0" / "seconds.json").read_text()) == trial["seconds"]
-    assert {"stage2", "sample_stage2", "fid_stage2", "fid_stage2_authors-minmax"} <= set(trial["seconds"])
+    assert {"stage1_encode", "stage2", "sample_stage2", "fid_stage2", "fid_stage2_authors-minmax"} <= set(trial["seconds"])
+    assert "stage1" not in trial["seconds"] and "stage1" in summary["trials"]["fixed-gamma/seed0"]["seconds"]
     assert not re.search(r"^epoch \d+/\d+ .*loggamma_x", (out / "learned-gamma" / "seed0" / "log.txt").read_text(), re.M)
     assert re.search(r"^epoch 1/1 .*loggamma_x", (out / "fixed-gamma" / "seed0" / "log.txt").read_text(), re.M)
     fid_of = lambda d, name, convention="fid": json.loads((out / d / "seed0" / f"{name}.{convention}.json").read_text())["fid"]
@@ -681,11 +683,31 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
                                                                       "--out", str(tmp_path / "other")])
     (tmp_path / "list.json").write_text("[1]")
     assert "not a JSON object" in refused(table1.main, args + ["--json", str(tmp_path / "list.json")])
-    # a failing step stops the driver with one line naming the step and its log
-    (out / "fixed-gamma" / "seed0" / "latents.json").unlink()
-    (out / "fixed-gamma" / "seed0" / "stage1.pt").write_text("not a checkpoint")
-    message = refused(table1.main, args)
-    assert "stage1.py" in message and str(out / "fixed-gamma" / "seed0" / "log.txt") in message
+    assert "unknown decoder 'fixed'" in refused(table1.main, args + ["--decoders", "learned-gamma,fixed"])
+    # a trial directory left by other settings is not taken for this trial's (here: another --limit)
+    other = args[:args.index("--curve")] + args[args.index("--curve") + 4:]
+    other[other.index("--limit") + 1] = "64"
+    assert "was trained with other settings than this trial" in refused(table1.main, other)
+    # a FID from another pipeline or reference is not reused: that one FID runs again, nothing else
+    fixed = out / "fixed-gamma" / "seed0"
+    before = (fixed / "log.txt").read_text()
+    done = json.loads((fixed / "samples_stage1.fid.json").read_text())
+    (fixed / "samples_stage1.fid.json").write_text(json.dumps({**done, "preproc": "ttur-v0"}))
+    table1.main(args)
+    new = (fixed / "log.txt").read_text()[len(before):]
+    assert [c for c in new.splitlines() if c.startswith("$ python ")] == [
+        c for c in before.splitlines() if c.startswith("$ python fid.py") and "samples_stage1.npy" in c and "minmax" not in c]
+    # a failing step stops the driver with one line naming the step, the error and its log; the traceback goes to the log
+    (fixed / "samples_stage1.fid.json").unlink()
+    with monkeypatch.context() as m:
+        m.setattr(fid, "frechet_distance", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        message = refused(table1.main, args)
+    assert "fid.py" in message and "(RuntimeError: boom)" in message and str(fixed / "log.txt") in message
+    assert "Traceback" in (fixed / "log.txt").read_text()
+    # an unreadable checkpoint: one line naming it
+    (fixed / "latents.json").unlink()
+    (fixed / "stage1.pt").write_text("not a checkpoint")
+    assert f"cannot read checkpoint {fixed / 'stage1.pt'}" in refused(table1.main, args)
 
 
 def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypatch):
