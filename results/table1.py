@@ -47,7 +47,11 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
+# every script imported now, once: run() calls their main() in this process, so a script edited while a
+# trial runs for hours must not be loaded later beside the older copy of another it imports
 import fid  # noqa: E402
+import sample  # noqa: E402,F401
+import stage2  # noqa: E402,F401
 from stage1 import STAGE1_DEFAULTS, HelpWithDefaults, copy_atomic, die, load_checkpoint, save_atomic, versions  # noqa: E402
 
 # The paper's Table 1 (the neutral architecture: FID, mean and std over 10 seeds, the authors' min-max
