@@ -127,9 +127,10 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     # full protocol) keeps the times of the steps it finished; trial.json's for trials done before
     seconds_path = os.path.join(d, "seconds.json")
     seconds = read_json(seconds_path) or (read_json(os.path.join(d, "trial.json")) or {}).get("seconds", {})
-    if "stage1_from" in seconds:  # a trial written before 2026-11-27 kept the snapshot's path here, and its
-        seconds["stage1_encode"] = seconds.pop("stage1", None)  # encoding pass under "stage1"
-        seconds.pop("stage1_from")
+    if "stage1_from" in seconds:  # trials written before 2026-11-26, 17:30 UTC kept the snapshot's path here
+        seconds.pop("stage1_from")  # and the encoding pass's time under "stage1"
+        if "stage1" in seconds:
+            seconds["stage1_encode"] = seconds.pop("stage1")
     ck1, latents = os.path.join(d, "stage1.pt"), os.path.join(d, "latents.json")
 
     def timed(key, script, args, part=False):
@@ -195,7 +196,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
         # from a snapshot, stage1.py only encodes (its epochs were trained in the long run: epoch_seconds);
         # a stage 1 trained here and extended later sums its calls
         timed("stage1_encode" if snapshot else "stage1", "stage1.py", common + resume + ["--epochs", e1, "--data-root", a.data_root],
-              part="--resume" in resume)
+              part="--resume" in resume and not snapshot)
         done = read_json(latents)
         if done["epoch"] != e1:
             die(f"{ck1} is at epoch {done['epoch']}, not {e1}; fix: delete {d} to start this trial afresh")
