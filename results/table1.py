@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 # trial runs for hours must not be loaded later beside the older copy of another it imports
 import fid  # noqa: E402
 import sample  # noqa: E402,F401
-import stage2  # noqa: E402,F401
+import stage2  # noqa: E402
 from stage1 import STAGE1_DEFAULTS, HelpWithDefaults, copy_atomic, die, load_checkpoint, save_atomic, versions  # noqa: E402
 
 # The paper's Table 1 (the neutral architecture: FID, mean and std over 10 seeds, the authors' min-max
@@ -375,8 +375,11 @@ def main(argv=None):
     p.add_argument("--fid-cache", default=os.path.join(ROOT, "runs", "fid_stats"), help="fid.py's reference statistics cache")
     p.add_argument("--device", default=None, help="passed to every script (default: theirs, cuda when present)")
     a = p.parse_args(argv)
-    default_epochs = EPOCHS.get(a.data, (STAGE1_DEFAULTS["epochs"], 800))
-    a.stage1_epochs, a.stage2_epochs = a.stage1_epochs or default_epochs[0], a.stage2_epochs or default_epochs[1]
+    default_epochs = EPOCHS.get(a.data, (STAGE1_DEFAULTS["epochs"], stage2.STAGE2_DEFAULTS["epochs"]))
+    if a.stage1_epochs is None:
+        a.stage1_epochs = default_epochs[0]
+    if a.stage2_epochs is None:
+        a.stage2_epochs = default_epochs[1]
     decoders = [x for x in a.decoders.split(",") if x]
     for loss in decoders:  # every argument checked now, not after hours of training
         if loss not in ROW:
