@@ -63,7 +63,8 @@ def main(argv=None):
     p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="2: u -> z -> x; 1: z ~ N(0, I) -> x")
     p.add_argument("--recon", action="store_true", help="reconstruct test images with stage 1 instead of sampling (--stage is then unused)")
     p.add_argument("--no-z-noise", action="store_true", help="2-stage with z = z_hat(u), no gamma_z noise: a diagnostic "
-                   "for an undertrained stage 2 (the authors add the noise); writes samples_no_z_noise.npy")
+                   "for an undertrained stage 2, whose large gamma_z noise also moves z along the used dimensions, where "
+                   "q(z|x) is very narrow (the authors add the noise); writes samples_no_z_noise.npy")
     p.add_argument("--n", type=int, default=10000, help="number of images (the paper's FID uses 10,000)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="random seed")
