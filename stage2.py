@@ -150,7 +150,10 @@ def load_latents(out, stage1):
     """mu_z, sigma_z from stage 1, checked: a clear error names the file and the command that makes it."""
     fix_cmd = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
     record = os.path.join(out, "latents.json")
-    latents_record = json.load(open(record)) if os.path.exists(record) else None
+    latents_record = None
+    if os.path.exists(record):
+        with open(record) as f:
+            latents_record = json.load(f)
     if latents_record is None or ([latents_record.get("run_id"), latents_record.get("epoch")]
                                   != [stage1["config"]["run_id"], stage1["epoch"]]):
         die(f"{record} says the latents come from {latents_record}, not from stage1.pt (epoch {stage1['epoch']}); "
@@ -202,7 +205,7 @@ def main(argv=None):
         die(f"--mmd-n {args.mmd_n}: the unbiased MMD needs at least 2 samples per side; fix: pass --mmd-n 2 or more")
     out = args.out or os.path.join("runs", args.data or "mnist")
     path = os.path.join(out, "stage2.pt")
-    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"))
+    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"), mmap=True)  # only its config and epoch are read
     if stage1 is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
     if args.data and args.data != stage1["config"]["data"]:

@@ -14,6 +14,7 @@ a test is about; everything else calls the scripts' main() in this process, whic
 without paying Python's and torch's start-up (about 2.5 s with torchvision) for each call."""
 import argparse
 import copy
+import functools
 import gzip
 import importlib.util
 import json
@@ -118,6 +119,24 @@ def data_root(tmp_path_factory):
     if (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() or IN_CI:
         return need(DATA_ROOT)
     return fake_mnist(tmp_path_factory.mktemp("synthetic"))
+
+
+READ_IMAGES = stage1.load_images
+
+
+@functools.lru_cache(maxsize=8)
+def read_images_once(data, root, train):
+    return READ_IMAGES(data, root, train)
+
+
+@pytest.fixture(autouse=True)
+def images_read_once(monkeypatch):
+    """The tests call the scripts' main() dozens of times in this process, and each call reads its
+    data set afresh (0.3 s for MNIST's 60,000 digits on a 2-core CPU); here each (data set, root,
+    split) is read once, and every caller gets a copy of its own, as from a fresh read."""
+    once = lambda data, root, train=True: read_images_once(data, str(root), train).clone()
+    monkeypatch.setattr(stage1, "load_images", once)
+    monkeypatch.setattr(fid, "load_images", once)
 
 
 def test_fashion_loader_on_fake_copy(tmp_path):
@@ -348,12 +367,22 @@ def test_our_step_follows_the_plain_step(stage):
     torch.testing.assert_close(runs[0][1][0], runs[1][1][0], rtol=1e-5, atol=0)  # loggamma (first param)
 
 
-def test_speed_prints_the_three_variants_against_the_floor(capsys):
+def test_speed_prints_the_three_variants_against_the_floor(capsys, monkeypatch):
     """results/speed.py (results/README.md, "Speed"): one row per variant, each ratio its ms / floor
-    ms and ms / plain ms."""
+    ms and ms / plain ms; the floor is the step's FLOPs at the matmul rate plus Adam's traffic (7
+    float32 reads and writes per parameter) at the memory bandwidth. The machine's rates are measured
+    small here (the real measurement takes 4 s on 2 cores), then fixed, so the floor is known."""
+    flops_s, bytes_s = speed.machine_rates("cpu", n=256, copy_mb=8)
+    assert 1e8 < flops_s < 1e15 and 1e8 < bytes_s < 1e13
+    monkeypatch.setattr(speed, "machine_rates", lambda device: (1e6, 1e6))  # slow, so the printed ms are exact
     rows, floor = speed.main(["--stage", "2", "--width", "64", "--steps", "5", "--device", "cpu"])[2]
-    assert list(rows) == ["plain", "ours", "plain+mem"] and floor > 0
-    printed = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()
+    assert list(rows) == ["plain", "ours", "plain+mem"]
+    out = capsys.readouterr().out
+    n_params = sum(p.numel() for p in stage2.Stage2VAE(64, 64, 3).parameters())
+    gflop, arithmetic, adam = map(float, re.search(r"step: (\S+) GFLOP .* = (\S+) ms arithmetic \+ (\S+) ms Adam", out).groups())
+    assert adam == pytest.approx(7 * 4 * n_params / 1e6 * 1e3, abs=0.05) and arithmetic == pytest.approx(gflop * 1e6, abs=5e3)
+    assert floor * 1e3 == pytest.approx(arithmetic + adam, abs=0.1)
+    printed = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out.splitlines()
                if line.split() and line.split()[0] in rows}
     assert set(printed) == set(rows)
     for variant, (ms, per_s, floor_ms, x_floor, x_plain) in printed.items():
@@ -598,11 +627,24 @@ def test_table1_rows_are_mean_and_sample_std_over_trials():
     assert table1.mean_std([5.0]) == {"fid": 5.0, "std": None, "n_trials": 1, "values": [5.0]}
 
 
+def block_means(x):
+    """A stand-in for the FID Inception in the drivers' end-to-end tests, which test the driving, not
+    the network: each (3, 299, 299) image fid.features prepares becomes 2,048 of its 27 x 27 block
+    means, so every step around the network (both pixel conventions, the reference cache, the
+    Frechet distance, the JSON beside the samples) runs as in a real FID, and different samples still
+    score differently, at no cost; an Inception forward is half of such a test's time on a 2-core CPU.
+    The network itself is tested against TensorFlow's features (test_fid_features_match_reference_network)."""
+    return torch.nn.functional.adaptive_avg_pool2d(x, 27).flatten(1)[:, :2048]
+
+
+block_means.weights_file = "block means (a test's stand-in for the Inception)"
+
+
 def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypatch, capsys):
     """results/table1.py end to end at a toy budget: every row, Table 3, a two-point budget curve
     from a long run's snapshots, a stage-2 curve from stage 2's snapshots, the summary as one key
     of a larger JSON file; a second call finds everything done and runs no script."""
-    monkeypatch.setenv("TWOSTAGE_INCEPTION", str(need(FID_WEIGHTS)))
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": block_means)
     long_run, out = tmp_path / "long", tmp_path / "table1"
     stage1.main([str(a) for a in ["--data-root", data_root, "--out", long_run, "--epochs", 2, "--snapshots", "1,2", "--limit", 128]])
     args = ["--seeds", 0, "--stage1-epochs", 1, "--stage2-epochs", 2, "--stage2-curve", "1,2", "--limit", 128,
@@ -713,7 +755,7 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
 def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypatch):
     """course/experiments.py end to end at a toy budget: every experiment answers for its seed with
     the runs it says it makes, draws its plots, and a second call runs no script."""
-    monkeypatch.setenv("TWOSTAGE_INCEPTION", str(need(FID_WEIGHTS)))
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": block_means)
     from course import experiments
     out = tmp_path / "course"
     args = [str(a) for a in ["--seeds", 3, "--limit", 128, "--epochs", 2, "--budget-epochs", "1,2", "--kappas", "4,64",
@@ -751,29 +793,33 @@ def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypat
     assert "settings" in refused(experiments.main, other)
 
 
-def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch):
-    """theory.ipynb executed as CI does: no run directory, so it trains a tiny one itself; any
-    cell's error fails the test. The executed copy goes to tmp_path, never over the committed one."""
-    if IN_CI:  # installed by .ci/run: a missing package is a failure there
-        import nbclient
-        import nbformat
-    else:
-        nbclient = pytest.importorskip("nbclient")
-        nbformat = pytest.importorskip("nbformat")
-    pytest.importorskip("matplotlib") if not IN_CI else __import__("matplotlib")
-    monkeypatch.setenv("TWOSTAGE_DATA", str(data_root))
-    monkeypatch.setenv("TWOSTAGE_RUN", str(tmp_path / "nb_run"))
-    monkeypatch.setenv("TWOSTAGE_FIXED", str(tmp_path / "nb_fixed"))
-    monkeypatch.setenv("TWOSTAGE_NB_EPOCHS", "1")
-    monkeypatch.setenv("TWOSTAGE_NB_LIMIT", "256")
-    monkeypatch.setenv("TWOSTAGE_NB_TEST", "500")
-    nb = nbformat.read(HERE / "theory.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
-    nbformat.write(nb, tmp_path / "executed.ipynb")
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch, capsys):
+    """theory.ipynb's code cells run top to bottom in one namespace, as a kernel runs them, but in
+    this process: a Jupyter kernel's start and its own import of torch and matplotlib were half of
+    this test's 20 s on a 2-core CPU, and the notebook uses nothing only a kernel has (no magics,
+    no display(): checked below). No run directory is given, so it trains a tiny one itself; any
+    cell's error fails the test. Figures are counted, not drawn; the committed notebook is untouched."""
+    matplotlib = pytest.importorskip("matplotlib") if not IN_CI else __import__("matplotlib")  # CI installs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for name, value in (("DATA", data_root), ("RUN", tmp_path / "nb_run"), ("FIXED", tmp_path / "nb_fixed"),
+                        ("NB_EPOCHS", 1), ("NB_LIMIT", 256), ("NB_TEST", 500)):
+        monkeypatch.setenv(f"TWOSTAGE_{name}", str(value))
+    monkeypatch.chdir(HERE)  # where Jupyter starts the notebook's kernel
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: (shown.append(plt.gcf()), plt.close("all")))
+    cells = [c for c in json.loads((HERE / "theory.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+    namespace = {"__name__": "__main__"}
+    try:
+        for i, cell in enumerate(cells):
+            source = "".join(cell["source"])
+            assert not re.search(r"^\s*[%!]|get_ipython|display\(", source, re.M), f"code cell {i} needs IPython"
+            exec(compile(source, f"theory.ipynb code cell {i}", "exec"), namespace)
+    finally:
+        torch.set_grad_enabled(True)  # the notebook switches gradients off for its whole session
+    text = capsys.readouterr().out
     assert "used dimensions (mean sigma_z^2 < 0.5)" in text and "stage 2: q(u)" in text
-    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert images == 5  # Figure 1a, the variances, Figure 1b, Figure 2, the sample grids
+    assert len(shown) == 5 and all(fig.axes for fig in shown)  # Figure 1a, the variances, Figure 1b, Figure 2, the samples
     assert (tmp_path / "nb_run" / "stage2.pt").exists() and (tmp_path / "nb_fixed" / "stage1.pt").exists()
 
 
@@ -1030,15 +1076,18 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
 
 
 def test_fid_cli_samples_writes_json_and_reuses_cache(inception, tmp_path, monkeypatch, capsys):
+    """--samples writes the FID beside the samples and caches the reference statistics; a second
+    run, through the real command line, reuses them (in a fresh process: no data set read, no
+    reference features)."""
     need(FID_WEIGHTS)
     # float in [0, 1], at half contrast, so that the authors' per-image min-max rescaling changes them
     samples = (mnist_digits(12)[8:] / 255 * 0.5).astype(np.float32)
     np.save(tmp_path / "samples.npy", samples)
     common = ["--data", "mnist", "--n", 8, "--data-root", need(DATA_ROOT), "--cache", "stats",
               "--inception", FID_WEIGHTS, "--batch-size", 8]
-    r = run("fid.py", "--samples", "samples.npy", *common, cwd=tmp_path, check=False)
-    assert r.returncode == 0, r.stderr
-    assert "(standard: x*255, TF legacy resize; n=4 vs mnist test n=8)" in r.stdout
+    monkeypatch.chdir(tmp_path)
+    fid.main([str(a) for a in ["--samples", "samples.npy", *common]])  # in this process: the Inception is loaded
+    assert "(standard: x*255, TF legacy resize; n=4 vs mnist test n=8)" in capsys.readouterr().out
     res = json.loads((tmp_path / "samples.fid.json").read_text())
     assert np.isfinite(res["fid"]) and res["n"] == 4 and res["convention"].startswith("standard")
     assert res["reference"] == {"data": "mnist", "split": "test", "n": 8, "seed": fid.REF_SEED}
@@ -1052,9 +1101,9 @@ def test_fid_cli_samples_writes_json_and_reuses_cache(inception, tmp_path, monke
         mu_g, s_g = fid.statistics(fid.features(samples, inception, 8, authors_minmax=minmax, progress=False))
         return fid.frechet_distance(mu_g, s_g, mu_r, s_r)
     assert res["fid"] == pytest.approx(expected(False), rel=1e-5)
-    monkeypatch.chdir(tmp_path)  # a second run, in this process (the command line was tested above)
-    fid.main([str(a) for a in ["--samples", "samples.npy", "--authors-minmax", *common]])
-    assert "(authors-minmax:" in capsys.readouterr().out and stats.stat().st_mtime_ns == mtime     # cache reused
+    r = run("fid.py", "--samples", "samples.npy", "--authors-minmax", *common, cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "(authors-minmax:" in r.stdout and stats.stat().st_mtime_ns == mtime     # cache reused
     minmax = json.loads((tmp_path / "samples.fid-authors-minmax.json").read_text())
     assert minmax["convention"].startswith("authors") and minmax["fid"] == pytest.approx(expected(True), rel=1e-5)
     assert minmax["fid"] != pytest.approx(res["fid"], rel=1e-3)  # the rescaling reached the features

@@ -130,8 +130,9 @@ def recon_mse(a, path, modes=("eval", "train")):
     mode (its running averages, as when encoding and sampling) and in 'train' mode (each batch's
     own statistics, as in training): {mode: mse} for the modes asked."""
     ckpt = stage1.load_checkpoint(path)
-    model = stage1.build_model(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+    with torch.device("meta"):  # shapes only: every tensor comes from the checkpoint, no init to discard
+        model = stage1.build_model(ckpt["config"])
+    model.load_state_dict(ckpt["model"], assign=True)
     x = first_images(a.data_root, min(2000, a.limit or 2000))
     mse = {}
     # eval first: a forward in train mode moves the running averages
@@ -151,7 +152,7 @@ def gamma(a, seed):
     for loss in ("learned-gamma", "fixed-gamma"):
         d = stage1_run(a, seed, loss)
         mse = {e: recon_mse(a, checkpoint_at(a, d, e), ["eval"])["eval"] for e in a.budget_epochs}
-        out[loss] = {"loggamma_x": [h["loggamma_x"] for h in stage1.load_checkpoint(os.path.join(d, "stage1.pt"))["history"]],
+        out[loss] = {"loggamma_x": [h["loggamma_x"] for h in stage1.load_checkpoint(os.path.join(d, "stage1.pt"), mmap=True)["history"]],
                      "mse": mse, "log_sqrt_mse": {e: 0.5 * float(np.log(m)) for e, m in mse.items()},
                      "active_dims": read(os.path.join(d, "latents.json"))["active_dims"]}
     return out

@@ -65,11 +65,12 @@ def call_seconds(fn, device, reps, warmup=3):
     return times
 
 
-def machine_rates(device):
-    """(float32 matmul FLOP/s, memory bandwidth in bytes/s counting read + write) of this device."""
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    flops = 2 * 2048 ** 3 / min(np.mean(call_seconds(lambda: a @ b, device, reps=5)) for _ in range(3))
-    x = torch.randn(2 ** 26, device=device)  # 256 MB: far beyond the caches
+def machine_rates(device, n=2048, copy_mb=256):
+    """(float32 matmul FLOP/s, memory bandwidth in bytes/s counting read + write) of this device:
+    n x n matmuls, and copies of copy_mb MB (256: far beyond the caches)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    flops = 2 * n ** 3 / min(np.mean(call_seconds(lambda: a @ b, device, reps=5)) for _ in range(3))
+    x = torch.randn(copy_mb * 2 ** 18, device=device)  # float32: 2^18 per MB
     y = torch.empty_like(x)
     bandwidth = 2 * x.numel() * 4 / min(np.mean(call_seconds(lambda: y.copy_(x), device, reps=3)) for _ in range(5))
     return flops, bandwidth
