@@ -631,8 +631,9 @@ def end_epoch(model, opt, ckpt, path, loggamma_name, epoch, means, seconds, imag
 def load_checkpoint(path, mmap=False):
     """The checkpoint dict, on the CPU (RNG states must stay CPU tensors; load_state_dict moves the
     rest to the model's device), or None if there is none. mmap=True maps the tensors from the file
-    instead of reading them: for a look at a checkpoint's config, epoch or history (results/table1.py),
-    which then costs milliseconds instead of reading 160 MB."""
+    (copy-on-write) instead of reading them: for a look at a checkpoint's config, epoch or history
+    (stage2.py, results/table1.py, course/experiments.py), which then costs milliseconds instead of
+    reading a stage-1 checkpoint's 160 MB; keep only what was looked at, so the map is let go."""
     if not os.path.exists(path):
         return None
     try:

@@ -205,9 +205,10 @@ def main(argv=None):
         die(f"--mmd-n {args.mmd_n}: the unbiased MMD needs at least 2 samples per side; fix: pass --mmd-n 2 or more")
     out = args.out or os.path.join("runs", args.data or "mnist")
     path = os.path.join(out, "stage2.pt")
-    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"), mmap=True)  # only its config and epoch are read
+    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"), mmap=True)
     if stage1 is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
+    stage1 = {k: stage1[k] for k in ("config", "epoch")}  # all stage 2 needs of it; its tensors are let go
     if args.data and args.data != stage1["config"]["data"]:
         die(f"{out}/stage1.pt was trained on {stage1['config']['data']}, not --data {args.data}; "
             f"fix: pass --data {stage1['config']['data']}, or none")

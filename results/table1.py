@@ -92,7 +92,10 @@ def newer(path, *inputs):
 
 
 def read_json(path):
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def run(script, args, log):
@@ -181,12 +184,12 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 "its --snapshots, or drop --curve to train this trial's stage 1 itself")
         copy_atomic(snapshot, ck1)
     if os.path.exists(ck1):  # a trial directory left by other settings (a test's --limit, say) is not this trial
-        have = load_checkpoint(ck1, mmap=True)
+        have = {k: load_checkpoint(ck1, mmap=True)[k] for k in ("config", "epoch")}  # no tensor kept: the map closes
         if not same_run(have["config"], loss, seed, a):
             die(f"{ck1} was trained with other settings than this trial ({loss}, seed {seed}, --limit {a.limit}); "
                 f"fix: delete {d}, or pass another --out")
         if snapshot and os.path.exists(snapshot):
-            snap = load_checkpoint(snapshot, mmap=True)
+            snap = {k: load_checkpoint(snapshot, mmap=True)[k] for k in ("config", "epoch")}
             if [have["config"]["run_id"], have["epoch"]] != [snap["config"]["run_id"], snap["epoch"]]:
                 die(f"{ck1} is not a copy of {snapshot} (another run, or another epoch); fix: delete {d} to start "
                     "this trial from that snapshot")
