@@ -628,16 +628,17 @@ def end_epoch(model, opt, ckpt, path, loggamma_name, epoch, means, seconds, imag
           f"ETA {fmt_time(seconds * (cfg['epochs'] - epoch - 1))}", flush=True)
 
 
-def load_checkpoint(path, mmap=False):
+def load_checkpoint(path, keys=None):
     """The checkpoint dict, on the CPU (RNG states must stay CPU tensors; load_state_dict moves the
-    rest to the model's device), or None if there is none. mmap=True maps the tensors from the file
-    (copy-on-write) instead of reading them: for a look at a checkpoint's config, epoch or history
-    (stage2.py, results/table1.py, course/experiments.py), which then costs milliseconds instead of
-    reading a stage-1 checkpoint's 160 MB; keep only what was looked at, so the map is let go."""
+    rest to the model's device), or None if there is none. With keys (e.g. ("config", "epoch")):
+    only those entries, read through a memory map of the file instead of reading it whole, so a
+    look at a stage-1 checkpoint's config, epoch or history costs milliseconds instead of 160 MB
+    (stage2.py, results/table1.py, course/experiments.py); the map goes with the rest of the dict."""
     if not os.path.exists(path):
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=keys is not None)
+        return ckpt if keys is None else {k: ckpt[k] for k in keys}
     except Exception as e:
         die(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); fix: delete it and start again without --resume")
 

@@ -71,8 +71,8 @@ class Stage2VAE(nn.Module):
         # puts the optimum at gamma_z -> 0 (q(z) is not Gaussian), without that pull; how far it falls
         # in a finite run is what we measure (docs/protocol.md, "Stage 2"). Caveat: q(z) here is a
         # mixture of n Gaussians whose used dimensions have sigma_z^2 near 0 (about 1e-4 to 1e-2 on
-        # MNIST after 400 epochs: theory.ipynb, section 2), so the pull is weak rather than gone. With --fixed-z, n fixed points have r = 0
-        # and the pull, unbounded, is back.
+        # MNIST after 400 epochs: theory.ipynb, section 2), so the pull is weak rather than gone.
+        # With --fixed-z, n fixed points have r = 0 and the pull, unbounded, is back.
         self.loggamma_z = nn.Parameter(torch.zeros(()))
 
     def encode(self, z):
@@ -205,10 +205,9 @@ def main(argv=None):
         die(f"--mmd-n {args.mmd_n}: the unbiased MMD needs at least 2 samples per side; fix: pass --mmd-n 2 or more")
     out = args.out or os.path.join("runs", args.data or "mnist")
     path = os.path.join(out, "stage2.pt")
-    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"), mmap=True)
+    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"), keys=("config", "epoch"))  # all stage 2 needs of it
     if stage1 is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
-    stage1 = {k: stage1[k] for k in ("config", "epoch")}  # all stage 2 needs of it; its tensors are let go
     if args.data and args.data != stage1["config"]["data"]:
         die(f"{out}/stage1.pt was trained on {stage1['config']['data']}, not --data {args.data}; "
             f"fix: pass --data {stage1['config']['data']}, or none")

@@ -159,7 +159,7 @@ def gamma(a, seed):
     for loss in ("learned-gamma", "fixed-gamma"):
         d = stage1_run(a, seed, loss)
         mse = {e: recon_mse(a, checkpoint_at(a, d, e), ["eval"])["eval"] for e in a.budget_epochs}
-        out[loss] = {"loggamma_x": [h["loggamma_x"] for h in stage1.load_checkpoint(os.path.join(d, "stage1.pt"), mmap=True)["history"]],
+        out[loss] = {"loggamma_x": [h["loggamma_x"] for h in stage1.load_checkpoint(os.path.join(d, "stage1.pt"), keys=("history",))["history"]],
                      "mse": mse, "log_sqrt_mse": {e: 0.5 * float(np.log(m)) for e, m in mse.items()},
                      "active_dims": read(os.path.join(d, "latents.json"))["active_dims"]}
     return out

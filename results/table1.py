@@ -174,7 +174,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 and len(np.load(npy, mmap_mode="r")) == n_fid):
             timed(f"sample_stage2_e{e}", "sample.py", ["--data", a.data, "--out", s, "--n", n_fid, "--seed", seed]
                   + (["--device", a.device] if a.device else []))
-        return {"loggamma_z": load_checkpoint(os.path.join(s, "stage2.pt"), mmap=True)["model"]["loggamma_z"].item(),
+        return {"loggamma_z": load_checkpoint(os.path.join(s, "stage2.pt"), keys=("model",))["model"]["loggamma_z"].item(),
                 **score(npy, f"stage2_e{e}")}
 
     # stage 1 (stage1.py also encodes the training split: mu_z.npy, sigma_z.npy, latents.json)
@@ -184,12 +184,12 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 "its --snapshots, or drop --curve to train this trial's stage 1 itself")
         copy_atomic(snapshot, ck1)
     if os.path.exists(ck1):  # a trial directory left by other settings (a test's --limit, say) is not this trial
-        have = {k: load_checkpoint(ck1, mmap=True)[k] for k in ("config", "epoch")}  # no tensor kept: the map closes
+        have = load_checkpoint(ck1, keys=("config", "epoch"))
         if not same_run(have["config"], loss, seed, a):
             die(f"{ck1} was trained with other settings than this trial ({loss}, seed {seed}, --limit {a.limit}); "
                 f"fix: delete {d}, or pass another --out")
         if snapshot and os.path.exists(snapshot):
-            snap = {k: load_checkpoint(snapshot, mmap=True)[k] for k in ("config", "epoch")}
+            snap = load_checkpoint(snapshot, keys=("config", "epoch"))
             if [have["config"]["run_id"], have["epoch"]] != [snap["config"]["run_id"], snap["epoch"]]:
                 die(f"{ck1} is not a copy of {snapshot} (another run, or another epoch); fix: delete {d} to start "
                     "this trial from that snapshot")
@@ -240,7 +240,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
             # The last part always runs: a fit killed after its last epoch, before stage2.json was
             # written, resumes with nothing to train and writes it.
             for target in keep + [e2]:
-                if target == e2 or not os.path.exists(ck2) or load_checkpoint(ck2, mmap=True)["epoch"] < target:
+                if target == e2 or not os.path.exists(ck2) or load_checkpoint(ck2, keys=("epoch",))["epoch"] < target:
                     start = ["--resume"] if os.path.exists(ck2) else ["--seed", seed]
                     timed("stage2", "stage2.py", common + start + snapshots + ["--epochs", target], part=True)
                 if target < e2:
@@ -275,7 +275,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
 
 def epoch_seconds(checkpoint):
     """Sum, median and max over the epochs in a checkpoint's history (a paused epoch shows as the max)."""
-    s = [h["seconds"] for h in load_checkpoint(checkpoint, mmap=True)["history"]]
+    s = [h["seconds"] for h in load_checkpoint(checkpoint, keys=("history",))["history"]]
     return {"epochs": len(s), "sum": round(sum(s), 1), "median": round(float(np.median(s)), 1), "max": round(max(s), 1)}
 
 
@@ -405,7 +405,7 @@ def main(argv=None):
         die(f"{path} exists and is not a JSON object; fix: pass another --json, or move that file away")
     started = time.time()
 
-    long_run = (load_checkpoint(os.path.join(a.curve, "stage1.pt"), mmap=True) or die(f"{a.curve}/stage1.pt is missing; fix: pass the "
+    long_run = (load_checkpoint(os.path.join(a.curve, "stage1.pt"), keys=("config",)) or die(f"{a.curve}/stage1.pt is missing; fix: pass the "
                 "directory of a stage1.py run to --curve"))["config"] if a.curve else None
     if a.curve_epochs and not same_run(long_run, "learned-gamma", long_run["seed"], a):
         die(f"{a.curve} is not a learned-gamma {a.data} run like the trials'; fix: pass such a run to --curve")
