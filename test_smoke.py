@@ -763,6 +763,39 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert f"cannot read checkpoint {fixed / 'stage1.pt'}" in refused(table1.main, args)
 
 
+def test_full_protocol_script_resumes_stage1_then_calls_the_driver(tmp_path):
+    """results/full_protocol.sh, the run of many hours, with the two scripts it calls recorded instead
+    of run: without a checkpoint stage 1 starts afresh, at epoch 31 it resumes, at 400 it is skipped;
+    the driver is called every time; and every call's flags are flags the scripts accept."""
+    record = tmp_path / "python"  # stands in for $PYTHON: runs `-c` probes, records script calls
+    record.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                      "if sys.argv[1] == '-c':\n    os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+                      "with open('calls.jsonl', 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    record.chmod(0o755)
+    cases = {"fresh": None, "resume": 31, "done": 400}
+    for name, epoch in cases.items():  # a copy of the script in a tree of its own: it cds to its parent
+        (tmp_path / name / "results").mkdir(parents=True)
+        shutil.copy(HERE / "results" / "full_protocol.sh", tmp_path / name / "results")
+        (tmp_path / name / "stage1.py").symlink_to(HERE / "stage1.py")
+        if epoch:
+            (tmp_path / name / "runs" / "mnist").mkdir(parents=True)
+            torch.save({"epoch": epoch, "model": {}}, tmp_path / name / "runs" / "mnist" / "stage1.pt")
+    env = {**os.environ, "PYTHON": str(record), "TWOSTAGE_DATA": "/data/here"}
+    jobs = [subprocess.Popen(["bash", str(tmp_path / n / "results" / "full_protocol.sh")], env=env, cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in cases]  # side by side: each imports torch
+    for name, job in zip(cases, jobs):
+        assert job.wait(timeout=120) == 0, f"{name}: {job.stdout.read()}"
+    calls = {n: [json.loads(line) for line in (tmp_path / n / "calls.jsonl").read_text().splitlines()] for n in cases}
+    assert [[c[0] for c in calls[n]] for n in cases] == [["stage1.py", "results/table1.py"]] * 2 + [["results/table1.py"]]
+    for n in ("fresh", "resume"):
+        a = stage1.parse_args(calls[n][0][1:])
+        assert (a.data, a.epochs, a.resume, a.data_root) == ("mnist", 400, n == "resume", "/data/here")
+        assert {150, 300, 400} <= set(map(int, a.snapshots.split(",")))  # the lr halvings and the end
+    a = table1.parse_args(calls["done"][0][1:])
+    assert (a.seeds, a.decoders, a.curve, a.json_key, a.stage2_curve) == ([0], "learned-gamma", "runs/mnist", "full_protocol", [100, 200, 400, 800])
+    assert a.stage1_epochs is None and a.stage2_epochs is None  # so the paper's 400 and 800
+
+
 def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypatch):
     """course/experiments.py end to end at a toy budget: every experiment answers for its seed with
     the runs it says it makes, draws its plots, and a second call runs no script."""

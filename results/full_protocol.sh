@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 ROOT="${TWOSTAGE_DATA:-./data}"
 
-epoch=$("$PYTHON" -c "import stage1; c = stage1.load_checkpoint('runs/mnist/stage1.pt', mmap=True); print(c['epoch'] if c else 0)")
+epoch=$("$PYTHON" -c "import stage1; c = stage1.load_checkpoint('runs/mnist/stage1.pt', keys=('epoch',)); print(c['epoch'] if c else 0)")
 if [ "$epoch" -lt 400 ]; then
   resume=(); [ "$epoch" -gt 0 ] && resume=(--resume)
   "$PYTHON" stage1.py --data mnist --epochs 400 --snapshots 5,10,20,30,40,60,80,100,150,200,300,400 \

@@ -349,7 +349,7 @@ def fid_plot(path, epochs, xlabel, ylabel, lines, right, title, ncol, bottom, pa
     os.replace(path + ".tmp.png", path)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Table 1 (one column: --data, MNIST by default) and Table 3 with this project's scripts.",
                                 formatter_class=HelpWithDefaults)
     p.add_argument("--data", default="mnist", choices=sorted(PAPER), help="data set: Table 1's column")
@@ -377,7 +377,11 @@ def main(argv=None):
     p.add_argument("--fid-ref-n", type=int, default=10000, help="test images in the FID reference (the paper's 10,000)")
     p.add_argument("--fid-cache", default=os.path.join(ROOT, "runs", "fid_stats"), help="fid.py's reference statistics cache")
     p.add_argument("--device", default=None, help="passed to every script (default: theirs, cuda when present)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     default_epochs = EPOCHS.get(a.data, (STAGE1_DEFAULTS["epochs"], stage2.STAGE2_DEFAULTS["epochs"]))
     if a.stage1_epochs is None:
         a.stage1_epochs = default_epochs[0]
