@@ -39,7 +39,7 @@ def generate(vae1, vae2, n, batch, device, z_noise=True):
             u = torch.randn(b, kappa, device=device)                      # u ~ N(0, I)
             z_hat = vae2.decoder(u)
             eps = torch.randn_like(z_hat)  # drawn even without the noise, so both runs get the same u in every batch
-            z = z_hat + vae2.loggamma_z.exp() * eps if z_noise else z_hat  # z ~ p(z|u) = N(z_hat, gamma_z^2 I)
+            z = (z_hat + vae2.loggamma_z.exp() * eps) if z_noise else z_hat  # z ~ p(z|u) = N(z_hat, gamma_z^2 I)
         out.append(vae1.decoder(z).float().cpu())                         # x = x_hat(z)
     return torch.cat(out)
 
@@ -86,7 +86,7 @@ def main(argv=None):
     vae2 = None
     if args.recon:
         images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)
-        images = images[torch.randperm(len(images))[:args.n]]  # a shuffled test subset, as the authors' demo.py
+        images = images[torch.randperm(len(images))[:args.n]]  # a shuffled test subset, as the authors' demo.py (github daib13/TwoStageVAE)
         t0 = time.time()
         x = stage1.reconstruct(vae1, images, args.batch_size)
         name = "recon"

@@ -7,7 +7,8 @@ The stages are trained one after the other: Section 4 reports that joint trainin
 
     python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README.md, "Quick start")
     python stage2.py --data mnist              # the authors' protocol (their demo.py; the paper gives no
-                                               # budget): 800 epochs, lr 1e-4 halved every 300, batch 64, Adam
+                                               # budget): 800 epochs (cifar10: 2000, as in Table 1),
+                                               # lr 1e-4 halved every 300, batch 64, Adam
 
 Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py, and checked against its
 latents.json and stage1.pt, so that stage 2 never fits another run's latents) and writes
@@ -16,7 +17,8 @@ loggamma_x, and Table 3's unbiased MMD^2 of q(z) and q(u) to N(0, I), which can 
 Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image: Section 4, step 1
 reads like one z per image, the authors' demo.py draws new ones for every batch, and we follow the
 code (docs/protocol.md, "Between the stages"; `--fixed-z` is the literal reading, as an experiment).
-The training loop is stage1.fit.
+The training loop is stage1.fit. The authors' files cited below (demo.py, network/...) are in their
+repository, github.com/daib13/TwoStageVAE.
 """
 import argparse
 import json
@@ -26,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stage1 import (HelpWithDefaults, common_flags, die, fit, gaussian_nll, kl_standard_normal, load_checkpoint,
-                    make_optimizer, reparameterize, restore, save_atomic, start_or_resume)
+from stage1 import (CIFAR10_EPOCHS, HelpWithDefaults, common_flags, die, fit, gaussian_nll, kl_standard_normal,
+                    load_checkpoint, make_optimizer, reparameterize, restore, save_atomic, start_or_resume)
 
 
 class MLP(nn.Module):
@@ -66,12 +68,13 @@ class Stage2VAE(nn.Module):
         self.decoder = MLP(latent_dim, width, depth, outputs=1)  # -> z_hat (linear output)
         # the log of a standard deviation, like stage 1's loggamma_x, init 0. With fresh z, q(z) is
         # a density on all of R^kappa: d = r = kappa, so the (d - r) log gamma term (the paper's gamma,
-        # a variance) that drives stage 1's gamma to 0 without bound is absent (Section 4); what is left
-        # is bounded below by minus the entropy of q(z) (Section 2.1, after eq. (3)). Theorem 3 still
-        # puts the optimum at gamma_z -> 0 (q(z) is not Gaussian), without that pull; how far it falls
-        # in a finite run is what we measure (docs/protocol.md, "Stage 2"). Caveat: q(z) here is a
-        # mixture of n Gaussians whose used dimensions have sigma_z^2 near 0 (about 1e-4 to 1e-2 on
-        # MNIST after 400 epochs: theory.ipynb, section 2), so the pull is weak rather than gone.
+        # a variance) that drives stage 1's gamma to 0 without bound is absent (Section 4); what is
+        # left is bounded below by the differential entropy of q(z), -E log q(z) (Section 2.1, after
+        # eq. (3)). Theorem 3 still puts the optimum at gamma_z -> 0 (q(z) is not Gaussian), without
+        # that pull; how far it falls in a finite run is what we measure (docs/protocol.md, "Stage 2").
+        # Caveat: q(z) here is a mixture of n Gaussians whose used dimensions have sigma_z^2 near 0
+        # (about 1e-4 to 1e-2 on MNIST after 400 epochs: theory.ipynb, section 2), so the pull is weak
+        # rather than gone.
         # With --fixed-z, n fixed points have r = 0 and the pull, unbounded, is back.
         self.loggamma_z = nn.Parameter(torch.zeros(()))
 
@@ -146,7 +149,7 @@ def mmd_to_standard_normal(samples, seed=0, block=2000):
     return float(xx + yy - 2 * kernel_sum(x, y) / (n * n))
 
 
-def load_latents(out, stage1):
+def load_latents(out, stage1_ckpt):
     """mu_z, sigma_z from stage 1, checked: a clear error names the file and the command that makes it."""
     fix_cmd = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
     record = os.path.join(out, "latents.json")
@@ -155,8 +158,8 @@ def load_latents(out, stage1):
         with open(record) as f:
             latents_record = json.load(f)
     if latents_record is None or ([latents_record.get("run_id"), latents_record.get("epoch")]
-                                  != [stage1["config"]["run_id"], stage1["epoch"]]):
-        die(f"{record} says the latents come from {latents_record}, not from stage1.pt (epoch {stage1['epoch']}); "
+                                  != [stage1_ckpt["config"]["run_id"], stage1_ckpt["epoch"]]):
+        die(f"{record} says the latents come from {latents_record}, not from stage1.pt (epoch {stage1_ckpt['epoch']}); "
             f"fix: finish the stage-1 run: `python stage1.py --out {out} --resume`")
     arrays = []
     for name in ("mu_z", "sigma_z"):
@@ -188,7 +191,7 @@ STAGE2_DEFAULTS = {"epochs": 800, "lr": 1e-4, "lr_epochs": 300, "batch_size": 64
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 2: a VAE on stage 1's latents (Dai & Wipf 2019).",
                                 formatter_class=HelpWithDefaults)
-    common_flags(p, STAGE2_DEFAULTS)
+    common_flags(p, STAGE2_DEFAULTS, CIFAR10_EPOCHS[1])
     p.add_argument("--width", type=int, help="hidden units per dense layer (default: 1024, the authors')")
     p.add_argument("--depth", type=int, help="hidden dense layers in encoder and decoder (default: 3, the authors')")
     p.add_argument("--fixed-z", action="store_true", default=None,
@@ -205,19 +208,20 @@ def main(argv=None):
         die(f"--mmd-n {args.mmd_n}: the unbiased MMD needs at least 2 samples per side; fix: pass --mmd-n 2 or more")
     out = args.out or os.path.join("runs", args.data or "mnist")
     path = os.path.join(out, "stage2.pt")
-    stage1 = load_checkpoint(os.path.join(out, "stage1.pt"), keys=("config", "epoch"))  # all stage 2 needs of it
-    if stage1 is None:
+    stage1_ckpt = load_checkpoint(os.path.join(out, "stage1.pt"), keys=("config", "epoch"))  # all stage 2 needs of it
+    if stage1_ckpt is None:
         die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
-    if args.data and args.data != stage1["config"]["data"]:
-        die(f"{out}/stage1.pt was trained on {stage1['config']['data']}, not --data {args.data}; "
-            f"fix: pass --data {stage1['config']['data']}, or none")
-    args.data = stage1["config"]["data"]  # without --data: the stage-1 run's
-    mu_z, sigma_z = load_latents(out, stage1)
-    ckpt = start_or_resume(args, path, STAGE2_DEFAULTS)
+    if args.data and args.data != stage1_ckpt["config"]["data"]:
+        die(f"{out}/stage1.pt was trained on {stage1_ckpt['config']['data']}, not --data {args.data}; "
+            f"fix: pass --data {stage1_ckpt['config']['data']}, or none")
+    args.data = stage1_ckpt["config"]["data"]  # without --data: the stage-1 run's
+    mu_z, sigma_z = load_latents(out, stage1_ckpt)
+    defaults = dict(STAGE2_DEFAULTS, epochs=CIFAR10_EPOCHS[1]) if args.data == "cifar10" else STAGE2_DEFAULTS
+    ckpt = start_or_resume(args, path, defaults)
     cfg = ckpt["config"]
     cfg["latent_dim"] = mu_z.shape[1]
     # which stage-1 run these latents come from; sample.py refuses to mix runs
-    stage1_run = {"run_id": stage1["config"]["run_id"], "epoch": stage1["epoch"], "data": stage1["config"]["data"]}
+    stage1_run = {"run_id": stage1_ckpt["config"]["run_id"], "epoch": stage1_ckpt["epoch"], "data": stage1_ckpt["config"]["data"]}
     if ckpt["epoch"] > 0 and ckpt["stage1"] != stage1_run:
         die(f"{path} was trained on stage-1 run {ckpt['stage1']}, but {out} now holds {stage1_run}; "
             f"fix: start stage 2 afresh (delete {path}) after re-running stage 1")

@@ -1,8 +1,9 @@
 """Smoke and correctness tests of twostage-vae: the real scripts run as a user runs them (tiny
 settings, CPU, no network), the losses against closed forms, the data loaders on fake copies of
 each data set in torchvision's on-disk layout, fid.py against independent reference values
-(fixture.npz: TensorFlow's legacy resize and pool3 features, TTUR's FID; it lives in shared/fid
-beside the repository, with MNIST and the weights: README.md, "Tests"), Table 3's MMD against a
+(fixture.npz, made once with TensorFlow: its legacy resize and pool3 features of 32 MNIST digits and
+8 random images, and TTUR's FID of two synthetic feature sets; it lives in shared/fid beside the
+repository, with MNIST and the weights: README.md, "Tests"), Table 3's MMD against a
 direct double loop, results/table1.py and course/experiments.py end to end, theory.ipynb top to
 bottom, the speed benchmark's table, and the course's grading tests (course/test_exercises.py).
 Run:  pytest -q test_smoke.py  (its measured time: results/README.md, "Test suite time").
@@ -954,6 +955,27 @@ def test_help_lists_every_flag_with_its_default(capsys):
         if main is stage1.main:
             out = re.sub(r"\s+", " ", out)
             assert "(default: 400, the authors'" in out and "(default: 0.0001, the authors')" in out
+
+
+@pytest.mark.parametrize("data,epochs", [("mnist", (400, 800)), ("cifar10", (1000, 2000))])
+def test_a_new_run_defaults_to_table1s_epochs(data, epochs, tmp_path, monkeypatch):
+    """Table 1's CIFAR-10 column trained 1000 + 2000 epochs, the others demo.py's 400 + 800: a run
+    started without --epochs gets its data set's (stopped once its checkpoint dict is made)."""
+    got = []
+
+    def record(start_or_resume):
+        def wrapped(*args):
+            got.append(start_or_resume(*args)["config"]["epochs"])
+            raise KeyboardInterrupt  # stop before any data are read
+        return wrapped
+    monkeypatch.setattr(stage1, "start_or_resume", record(stage1.start_or_resume))
+    monkeypatch.setattr(stage2, "start_or_resume", record(stage2.start_or_resume))
+    torch.save({"config": {"data": data, "run_id": "r"}, "epoch": 1}, tmp_path / "stage1.pt")
+    monkeypatch.setattr(stage2, "load_latents", lambda out, ckpt: (np.zeros((2, 4), np.float32),) * 2)
+    for main in (stage1.main, stage2.main):
+        with pytest.raises(KeyboardInterrupt):
+            main(["--data", data, "--out", str(tmp_path / "new" if main is stage1.main else tmp_path)])
+    assert tuple(got) == epochs
 
 
 # ---------------------------------------------------------------------------------------------
