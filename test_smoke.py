@@ -727,11 +727,14 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     learned = out / "learned-gamma" / "seed0"
     before = (learned / "log.txt").read_text()
     (learned / "stage2.json").unlink()
+    plots = {name: (tmp_path / f"mnist_{name}.png").stat().st_mtime_ns for name in ("budget_curve", "stage2_curve")}
     table1.main(args)
     new = (learned / "log.txt").read_text()[len(before):]
     assert [c.split()[2] for c in new.splitlines() if c.startswith("$ python ")] == ["stage2.py", "sample.py", "fid.py", "fid.py"]
     assert "--resume" in new and not re.search(r"^epoch \d+/\d+ ", new, re.M)
     assert json.loads((tmp_path / "t1.json").read_text())["full"]["rows"] == summary["rows"]
+    # the same points: neither plot is redrawn
+    assert {name: (tmp_path / f"mnist_{name}.png").stat().st_mtime_ns for name in plots} == plots
     # refused before any work: a trial whose snapshot the long run does not have yet; a --json that is not an object
     assert "stage1_e0003.pt is missing" in refused(table1.main, args + ["--decoders", "learned-gamma", "--stage1-epochs", "3",
                                                                       "--out", str(tmp_path / "other")])
@@ -747,10 +750,15 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     before = (fixed / "log.txt").read_text()
     done = json.loads((fixed / "samples_stage1.fid.json").read_text())
     (fixed / "samples_stage1.fid.json").write_text(json.dumps({**done, "preproc": "ttur-v0"}))
+    t1 = json.loads((tmp_path / "t1.json").read_text())  # and a point of the stage-2 curve as an older call left it
+    t1["full"]["stage2_curve"][0]["fid"] += 1
+    (tmp_path / "t1.json").write_text(json.dumps(t1))
     table1.main(args)
     new = (fixed / "log.txt").read_text()[len(before):]
     assert [c for c in new.splitlines() if c.startswith("$ python ")] == [
         c for c in before.splitlines() if c.startswith("$ python fid.py") and "samples_stage1.npy" in c and "minmax" not in c]
+    assert {name: (tmp_path / f"mnist_{name}.png").stat().st_mtime_ns == plots[name] for name in plots} == {
+        "budget_curve": True, "stage2_curve": False}  # the changed point's plot only is redrawn
     # a failing step stops the driver with one line naming the step, the error and its log; the traceback goes to the log
     (fixed / "samples_stage1.fid.json").unlink()
     with monkeypatch.context() as m:

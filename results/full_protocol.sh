@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 ROOT="${TWOSTAGE_DATA:-./data}"
 
-epoch=$("$PYTHON" -c "import stage1; c = stage1.load_checkpoint('runs/mnist/stage1.pt', keys=('epoch',)); print(c['epoch'] if c else 0)")
+epoch=0
+if [ -f runs/mnist/stage1.pt ]; then
+  epoch=$("$PYTHON" -c "import stage1; print(stage1.load_checkpoint('runs/mnist/stage1.pt', keys=('epoch',))['epoch'])")
+fi
 if [ "$epoch" -lt 400 ]; then
   resume=(); [ "$epoch" -gt 0 ] && resume=(--resume)
   "$PYTHON" stage1.py --data mnist --epochs 400 --snapshots 5,10,20,30,40,60,80,100,150,200,300,400 \

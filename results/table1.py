@@ -471,16 +471,21 @@ def main(argv=None):
                                    for i, e in enumerate(stage2_curve)]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = read_json(path) or {}
+    last = (old.get(a.json_key) or {}) if a.json_key else old  # what the previous call wrote, and plotted
     if a.json_key:  # one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
         summary["json_key"] = a.json_key
         save_atomic({**old, a.json_key: summary}, path)
     else:  # the whole file, except the entries other calls wrote there with --json-key
         save_atomic({**{k: v for k, v in old.items() if isinstance(v, dict) and v.get("json_key") == k}, **summary}, path)
-    if curve:
-        plot_curve(curve, a.plot or os.path.join(os.path.dirname(path), f"{a.data}_budget_curve.png"), a.fid_ref_n, a.data)
-    if "stage2_curve" in summary:
-        plot_stage2_curve(summary["stage2_curve"], a.stage2_plot or os.path.join(os.path.dirname(path), f"{a.data}_stage2_curve.png"),
-                          a.n_fid, a.fid_ref_n, a.data, a.stage1_epochs)
+    # a plot is redrawn when its points or budget changed, or it is missing or older than this script
+    # (make's rule): a call that finds everything done leaves a committed PNG as it is
+    redraw = lambda png, key: not (newer(png, __file__) and last.get(key) == summary[key] and last.get("budget") == summary["budget"])
+    png = a.plot or os.path.join(os.path.dirname(path), f"{a.data}_budget_curve.png")
+    if curve and redraw(png, "budget_curve"):
+        plot_curve(curve, png, a.fid_ref_n, a.data)
+    png = a.stage2_plot or os.path.join(os.path.dirname(path), f"{a.data}_stage2_curve.png")
+    if "stage2_curve" in summary and redraw(png, "stage2_curve"):
+        plot_stage2_curve(summary["stage2_curve"], png, a.n_fid, a.fid_ref_n, a.data, a.stage1_epochs)
 
     if rows:
         print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
