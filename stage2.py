@@ -79,6 +79,8 @@ class Stage2VAE(nn.Module):
         self.loggamma_z = nn.Parameter(torch.zeros(()))
 
     def encode(self, z):
+        """q(u|z) of a batch: (mu_u, log sigma_u), each (B, kappa). (stage1.encode is another thing:
+        stage 1's q(z|x) of a whole data set, as numpy arrays for this script.)"""
         mu_u, log_sigma_u = self.encoder(z).chunk(2, dim=1)
         return mu_u, log_sigma_u
 
