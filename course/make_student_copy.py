@@ -57,6 +57,7 @@ def blank_exercises(source):
 
 
 def tracked_files():
+    """The repository's files as paths relative to it, with "/" as git writes them (on every system)."""
     try:
         out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
         return [f for f in out.splitlines() if os.path.exists(os.path.join(REPO, f))]
@@ -64,7 +65,7 @@ def tracked_files():
         files = []
         for root, dirs, names in os.walk(REPO):
             dirs[:] = [d for d in dirs if d not in SKIP]
-            files += [os.path.relpath(os.path.join(root, n), REPO) for n in names]
+            files += [os.path.relpath(os.path.join(root, n), REPO).replace(os.sep, "/") for n in names]
         return files
 
 
@@ -81,7 +82,7 @@ def main(argv=None):
     for rel in tracked_files():
         src, out = os.path.join(REPO, rel), os.path.join(tmp, rel)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        if rel.endswith(".py") and not rel.startswith("course" + os.sep):
+        if rel.endswith(".py") and not rel.startswith("course/"):
             text = open(src, encoding="utf-8").read()
             if any(MARK.match(line) for line in text.splitlines()):
                 text, found = blank_exercises(text)

@@ -32,6 +32,12 @@ def close(a, b, rtol=1e-5, atol=1e-6):
     return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
+def psd_sqrt(s):
+    """The symmetric square root of a positive semi-definite matrix, from its eigenvalues."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
 def offdiag_corr(samples):
     """Largest |correlation| between two different columns of samples (N, k): about 1/sqrt(N) for
     independent noise, 1 when two columns share it."""
@@ -82,17 +88,18 @@ def test_ex2_kl_standard_normal():
     mu, log_sigma = torch.randn(7, 4, generator=g), 0.7 * torch.randn(7, 4, generator=g)
     out = stage1.kl_standard_normal(mu, log_sigma)
     check(out.shape == (7,), 2, f"one value per example expected, shape (7,), got {tuple(out.shape)}")
-    check(bool((out >= 0).all()), 2, "a KL divergence is never negative: is sigma used where sigma^2 belongs?")
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, log_sigma.exp()),
                                             torch.distributions.Normal(0.0, 1.0)).sum(1)
     if not close(out, ref):
-        hints = {"log_sigma read as a log-variance": ((mu ** 2 + log_sigma.exp() - log_sigma - 1) / 2).sum(1),
+        negative = "; a KL divergence is never negative" if bool((out < 0).any()) else ""
+        hints = {"the sign flipped": -ref,
+                 "log_sigma read as a log-variance": ((mu ** 2 + log_sigma.exp() - log_sigma - 1) / 2).sum(1),
                  "a mean over latent dimensions where the KL sums them": ref / 4,
                  "the factor 1/2 missing": 2 * ref,
                  "the -1 per dimension (the constant -kappa) dropped": ref + 4 / 2,
                  "sigma where sigma^2 belongs": ((mu ** 2 + log_sigma.exp() - 2 * log_sigma - 1) / 2).sum(1)}
         found = [h for h, v in hints.items() if close(out, v)]
-        check(False, 2, f"KL[N(mu, sigma^2) || N(0, 1)] is off: {found[0] if found else 'compare with eq. (9)'}")
+        check(False, 2, f"KL[N(mu, sigma^2) || N(0, 1)] is off: {found[0] if found else 'compare with eq. (9)'}{negative}")
     check(close(stage1.kl_standard_normal(torch.zeros(3, 5), torch.zeros(3, 5)), torch.zeros(3)), 2,
           "q(z|x) = N(0, I) is the prior itself: its KL must be 0")
     # eq. (9): 2 KL = trace(Sigma) + |mu|^2 - log|Sigma| - kappa, Sigma = diag(sigma^2)
@@ -120,7 +127,9 @@ def test_ex3_reparameterize():
     eps = ((z - mu) / sigma).detach()
     check(offdiag_corr(eps) < 0.05, 3, "the noise of different dimensions is correlated: eps ~ N(0, I) needs one "
           "independent value per entry (torch.randn_like(mu)), not one value per row")
-    check(mu.grad is not None and close(mu.grad, torch.ones_like(mu)), 3, "dz/dmu must be 1")
+    check(mu.grad is not None and bool(mu.grad.any()), 3, "no gradient reaches mu: torch.normal(mu, sigma) or a "
+          "detached draw; write z = mu + sigma * eps (the reparameterisation trick)")
+    check(close(mu.grad, torch.ones_like(mu)), 3, "dz/dmu must be 1")
     check(sigma.grad is not None and close(sigma.grad, eps), 3, "dz/dsigma must be the noise eps")
     z2 = stage1.reparameterize(mu, sigma)
     check(not torch.equal(z.detach(), z2.detach()), 3, "two calls gave the same draw: use fresh noise every call")
@@ -139,29 +148,30 @@ class StubEncoder(nn.Module):
         self.calls = []
 
     def forward(self, x):
-        self.calls.append({"training": self.training, "min": x.min().item(), "max": x.max().item()})
+        self.calls.append({"training": self.training, "x": x.detach().clone()})
         mu = self.mu.expand(len(x), -1)
         sigma = torch.full_like(mu, self.sigma)
         return mu, sigma.log(), sigma
 
 
 class StubDecoder(nn.Module):
-    """x_hat = a fixed image (0.25 everywhere) plus 0 * z, so the loss is known in closed form and
-    the gradient still reaches z; records the z it was given."""
+    """x_hat = 0.25 + slope * (z_1 + ... + z_kappa) in every pixel: with slope 0 a fixed image, so the
+    loss is known in closed form; with a slope the reconstruction term's gradient reaches mu_z only
+    through z. Records the z it was given."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, slope=0.0):
         super().__init__()
-        self.shape, self.seen, self.differentiable = shape, [], []
+        self.shape, self.slope, self.seen, self.differentiable = shape, slope, [], []
 
     def forward(self, z):
         self.seen.append(z.detach().clone())
         self.differentiable.append(z.requires_grad)
-        return torch.full((len(z), *self.shape), 0.25) + 0 * z.sum(1).view(-1, *[1] * len(self.shape))
+        return 0.25 + self.slope * z.sum(1).view(-1, *[1] * len(self.shape)).expand(-1, *self.shape)
 
 
-def stub_vae(kappa=3, sigma=0.5, shape=(1, 4, 4), loggamma=-0.3):
+def stub_vae(kappa=3, sigma=0.5, shape=(1, 4, 4), loggamma=-0.3, slope=0.0):
     vae = nn.Module()
-    vae.encoder, vae.decoder = StubEncoder(kappa, sigma), StubDecoder(shape)
+    vae.encoder, vae.decoder = StubEncoder(kappa, sigma), StubDecoder(shape, slope)
     vae.loggamma_x = nn.Parameter(torch.tensor(loggamma))
     vae.latent_dim = kappa
     return vae
@@ -197,6 +207,19 @@ def test_ex4_stage1_loss(monkeypatch):
     loss.backward()
     check(vae.encoder.mu.grad is not None and vae.encoder.mu.grad.abs().sum() > 0, 4, "no gradient reaches the encoder")
     check(vae.loggamma_x.grad is not None, 4, "no gradient reaches loggamma_x: the decoder's gamma must be learned")
+    # the reconstruction term's gradient must reach mu_z through z (dz/dmu = 1): the same loss, from
+    # the z this call drew, rebuilt as mu + (z - mu) with the noise held fixed
+    tilted = stub_vae(slope=0.1)
+    stage1.stage1_loss(tilted, x, "learned-gamma")[0].backward()
+    mu = tilted.encoder.mu.detach().clone().requires_grad_()
+    z = mu + (tilted.decoder.seen[-1] - mu.detach())
+    x_hat = 0.25 + 0.1 * z.sum(1).view(-1, 1, 1, 1)
+    ref = (-torch.distributions.Normal(x_hat, math.exp(-0.3)).log_prob(x).flatten(1).sum(1)).mean() + \
+        torch.distributions.kl_divergence(torch.distributions.Normal(mu, 0.5), torch.distributions.Normal(0.0, 1.0)).sum()
+    ref.backward()
+    check(close(tilted.encoder.mu.grad, mu.grad, rtol=1e-4), 4, "the reconstruction term's gradient does not reach "
+          "mu_z through z: draw z = mu + sigma * eps (reparameterise); torch.normal(mu, sigma) and detached "
+          "draws pass no gradient to mu")
     # a large sample of z: mean mu, standard deviation sigma = 0.5
     big = stub_vae()
     stage1.stage1_loss(big, torch.rand(20000, 1, 4, 4), "learned-gamma")
@@ -229,7 +252,8 @@ def test_ex5_encode_with_batchnorm_in_evaluation_mode():
           f"encode in batches of `batch` (30 images in 5 batches of at most 7), got {len(calls)} calls")
     check(not any(c["training"] for c in calls), 5, "the encoder ran in training mode: call model.eval() first "
           "(BatchNorm must use its running statistics, so a code does not depend on the rest of its batch)")
-    check(all(0 <= c["min"] and c["max"] <= 1 for c in calls), 5, "pixels must be scaled to [0, 1] (uint8 / 255) as in training")
+    check(close(torch.cat([c["x"] for c in calls]), images.float() / 255), 5,
+          "the encoder must see the images as in training: float pixels uint8 / 255, in their order")
     # a real stage-1 encoder with BatchNorm: an image's code must not depend on its batch
     real = stage1.VAE("infogan", 1, 28, latent_dim=4)
     with torch.no_grad():
@@ -303,6 +327,9 @@ def test_ex7_two_stage_sampling():
     check(close(z.std(), 0.5, rtol=0.03), 7, f"z's noise must have standard deviation gamma_z = exp(loggamma_z) = 0.5, "
           f"got {z.std().item():.3f} (gamma_z^2 = 0.25? exp(loggamma_z / 2) = 0.71?)")
     check(offdiag_corr(z) < 0.06, 7, "z's noise is shared between dimensions: gamma_z * eps needs eps ~ N(0, I)")
+    eps = (z - 3.0) / 0.5  # z_hat(u) = 3 here, so this is the noise the sampler added
+    check(offdiag_corr(torch.cat([eps, u], 1)) < 0.06, 7, "z's noise is correlated with u: z ~ N(z_hat(u), gamma_z^2 I) "
+          "needs a new eps ~ N(0, I), drawn apart from u")
     # with and without the noise, the same seed gives the same u (the eps is drawn either way), so
     # sample.py --no-z-noise compares like with like
     vae2.seen.clear()
@@ -347,6 +374,9 @@ def test_ex8_frechet_distance():
         m = s1 @ s2
         expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
         got = fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
-        check(np.isclose(got, expected, rtol=1e-6, atol=1e-9), 8, f"non-commuting 2x2 covariances: expected {expected:.6f}, got {got:.6f}")
+        roots = np.trace(s1) + np.trace(s2) - 2 * np.trace(psd_sqrt(s1) @ psd_sqrt(s2))  # a usual slip
+        check(np.isclose(got, expected, rtol=1e-6, atol=1e-9), 8, f"non-commuting 2x2 covariances: expected {expected:.6f}, "
+              f"got {got:.6f}" + (": tr(sqrt(S1) sqrt(S2)) is not tr(sqrt(S1 S2)) when S1 S2 != S2 S1; take the "
+                                  "square root of the product" if np.isclose(got, roots, rtol=1e-6) else ""))
         check(np.isclose(fid.frechet_distance(np.zeros(2), s2, np.zeros(2), s1), got, rtol=1e-6), 8, "the distance must be symmetric")
     check(isinstance(got, float), 8, "return a Python float")
