@@ -488,8 +488,10 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path):
     # decodes z ~ N(0, I), not stage 2's z
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_no_z_noise.npy"))
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_stage1.npy"))
-    # stage 1 trained on: stage2.pt no longer fits it, and sampling says so
-    stage1.main(["--out", str(run_dir), "--resume", "--epochs", "3", "--data-root", tiny.root])
+    # another stage-1 checkpoint than the one stage 2 was fitted to (here its epoch-1 snapshot; as
+    # well a stage 1 trained on): stage2.pt no longer fits it, and sampling says so
+    (run_dir / "stage1.pt").unlink()
+    os.link(run_dir / "stage1_e0001.pt", run_dir / "stage1.pt")
     assert "stage2.py --out" in refused(sample.main, ["--data", "mnist", "--out", run_dir, "--n", 4])
 
 
