@@ -777,27 +777,33 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
 def test_full_protocol_script_resumes_stage1_then_calls_the_driver(tmp_path):
     """results/full_protocol.sh, the run of many hours, with the two scripts it calls recorded instead
     of run: without a checkpoint stage 1 starts afresh, at epoch 31 it resumes, at 400 it is skipped;
-    the driver is called every time; and every call's flags are flags the scripts accept."""
+    the driver is called every time; every call's flags are flags the scripts accept; and without the
+    FID's weights it stops at once, in one line, not after the hours of training."""
     record = tmp_path / "python"  # stands in for $PYTHON: runs `-c` probes, records script calls
     record.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                       "if sys.argv[1] == '-c':\n    os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
                       "with open('calls.jsonl', 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
     record.chmod(0o755)
-    cases = {"fresh": None, "resume": 31, "done": 400}
+    cases = {"fresh": None, "resume": 31, "done": 400, "no weights": 31}
     for name, epoch in cases.items():  # a copy of the script in a tree of its own: it cds to its parent
         (tmp_path / name / "results").mkdir(parents=True)
         shutil.copy(HERE / "results" / "full_protocol.sh", tmp_path / name / "results")
-        (tmp_path / name / "stage1.py").symlink_to(HERE / "stage1.py")
+        for script in ("stage1.py", "fid.py"):  # the two its probe imports
+            (tmp_path / name / script).symlink_to(HERE / script)
         if epoch:
             (tmp_path / name / "runs" / "mnist").mkdir(parents=True)
             torch.save({"epoch": epoch, "model": {}}, tmp_path / name / "runs" / "mnist" / "stage1.pt")
-    env = {**os.environ, "PYTHON": str(record), "TWOSTAGE_DATA": "/data/here"}
-    jobs = [subprocess.Popen(["bash", str(tmp_path / n / "results" / "full_protocol.sh")], env=env, cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in cases]  # side by side: each imports torch
-    for name, job in zip(cases, jobs):
-        assert job.wait(timeout=120) == 0, f"{name}: {job.stdout.read()}"
-    calls = {n: [json.loads(line) for line in (tmp_path / n / "calls.jsonl").read_text().splitlines()] for n in cases}
-    assert [[c[0] for c in calls[n]] for n in cases] == [["stage1.py", "results/table1.py"]] * 2 + [["results/table1.py"]]
+    env = {**os.environ, "PYTHON": str(record), "TWOSTAGE_DATA": "/data/here", "TWOSTAGE_INCEPTION": str(need(FID_WEIGHTS))}
+    jobs = {n: subprocess.Popen(["bash", str(tmp_path / n / "results" / "full_protocol.sh")], cwd=tmp_path, text=True,
+                                env={**env, "TWOSTAGE_INCEPTION": str(tmp_path / "nowhere.pth")} if n == "no weights" else env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for n in cases}  # side by side: each imports torch
+    out = {n: (job.wait(timeout=120), job.stdout.read()) for n, job in jobs.items()}
+    code, text = out.pop("no weights")  # one line naming the variable, the file and the fix; no script ran
+    assert code != 0 and len(text.strip().splitlines()) == 1 and "$TWOSTAGE_INCEPTION" in text and "nowhere.pth is not a file; fix" in text, text
+    assert not (tmp_path / "no weights" / "calls.jsonl").exists()
+    assert all(code == 0 for code, _ in out.values()), out
+    calls = {n: [json.loads(line) for line in (tmp_path / n / "calls.jsonl").read_text().splitlines()] for n in out}
+    assert [[c[0] for c in calls[n]] for n in out] == [["stage1.py", "results/table1.py"]] * 2 + [["results/table1.py"]]
     for n in ("fresh", "resume"):
         a = stage1.parse_args(calls[n][0][1:])
         assert (a.data, a.epochs, a.resume, a.data_root) == ("mnist", 400, n == "resume", "/data/here")
