@@ -659,6 +659,8 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     from a long run's snapshots, a stage-2 curve from stage 2's snapshots, the summary as one key
     of a larger JSON file; a second call finds everything done and runs no script."""
     monkeypatch.setattr(fid, "load_inception", stand_in_inception)
+    (tmp_path / "weights.pth").write_text("the stand-in reads none; the driver checks that a file is there")
+    monkeypatch.setenv("TWOSTAGE_INCEPTION", str(tmp_path / "weights.pth"))
     long_run, out = tmp_path / "long", tmp_path / "table1"
     stage1.main([str(a) for a in ["--data-root", data_root, "--out", long_run, "--epochs", 2, "--snapshots", "1,2", "--limit", 128]])
     args = ["--seeds", 0, "--stage1-epochs", 1, "--stage2-epochs", 2, "--stage2-curve", "1,2", "--limit", 128,
@@ -743,6 +745,10 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     (tmp_path / "list.json").write_text("[1]")
     assert "not a JSON object" in refused(table1.main, args + ["--json", str(tmp_path / "list.json")])
     assert "unknown decoder 'fixed'" in refused(table1.main, args + ["--decoders", "learned-gamma,fixed"])
+    with monkeypatch.context() as m:  # no FID weights: said before any training, not at the first FID
+        m.setenv("TWOSTAGE_INCEPTION", str(tmp_path / "nowhere.pth"))
+        assert "nowhere.pth is not a file" in refused(table1.main, args + ["--out", str(tmp_path / "no-weights")])
+    assert not (tmp_path / "no-weights").exists()
     # a trial directory left by other settings is not taken for this trial's (here: another --limit)
     other = args[:args.index("--curve")] + args[args.index("--curve") + 4:]
     other[other.index("--limit") + 1] = "64"

@@ -405,6 +405,7 @@ def main(argv=None):
         ok = False
     if not ok:
         die(f"{path} exists and is not a JSON object; fix: pass another --json, or move that file away")
+    fid.find_weights()  # the FID's Inception weights: found (or downloaded) now, not after hours of training
     started = time.time()
 
     long_run = (load_checkpoint(os.path.join(a.curve, "stage1.pt"), keys=("config",)) or die(f"{a.curve}/stage1.pt is missing; fix: pass the "
