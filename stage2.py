@@ -13,7 +13,8 @@ The stages are trained one after the other: Section 4 reports that joint trainin
 Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py, and checked against its
 latents.json and stage1.pt, so that stage 2 never fits another run's latents) and writes
 runs/<data>/stage2.pt and stage2.json (loggamma_z, the log of a standard deviation like stage 1's
-loggamma_x, and Table 3's unbiased MMD^2 of q(z) and q(u) to N(0, I), which can dip below 0).
+loggamma_x, and, for Table 3, our estimate of the MMD^2 of q(z) and of q(u) to N(0, I): the paper
+names no estimator; ours is unbiased, so it can dip below 0).
 Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image: Section 4, step 1
 reads like one z per image, the authors' demo.py draws new ones for every batch, and we follow the
 code (docs/protocol.md, "Between the stages"; `--fixed-z` is the literal reading, as an experiment).
@@ -133,10 +134,11 @@ def aggregate_posterior_samples(model, mu_z, sigma_z, n, seed=0):
 
 
 def mmd_to_standard_normal(samples, seed=0, block=2000):
-    """Unbiased MMD^2 between the rows of `samples` (n, kappa) and n fresh N(0, I) draws (the
+    """Unbiased MMD^2 between the rows of `samples` (n, kappa) and n N(0, I) draws made from `seed` (the
     estimator of Gretton et al. 2012, JMLR, eq. 3), with the inverse multiquadratic kernel k(a, b) = C / (C + |a - b|^2),
     C = 2 kappa: the kernel the WAE paper (Tolstikhin et al. 2018) uses against a N(0, I) prior.
-    Float64, in row blocks so that n = 10,000 needs no 800 MB matrix."""
+    Float64, in row blocks so that n = 10,000 needs no 800 MB matrix. main scores q(z) and q(u)
+    against the same draws (seed 0): a paired comparison."""
     x = torch.as_tensor(samples, dtype=torch.float64).cpu()
     n, kappa = x.shape
     y = torch.randn(n, kappa, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
