@@ -256,7 +256,9 @@ def test_stage2_loss_matches_closed_form():
     torch.testing.assert_close(rec.detach(), expected_rec)
     torch.testing.assert_close(kl.detach(), expected_kl)
     torch.testing.assert_close(loss.detach(), expected_rec + expected_kl)
-    loss.backward()  # the reparameterised draw: the loss reaches the encoder
+    # the reparameterised draw: the reconstruction term alone reaches the encoder, through u (the KL
+    # term reaches it anyway, so the whole loss would not tell a detached u from a reparameterised one)
+    rec.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
 
@@ -308,17 +310,24 @@ def test_diverging_training_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert torch.load(path, weights_only=False)["epoch"] == 1  # epoch 1's checkpoint, untouched
 
 
+def test_lr_is_halved_at_whole_multiples_of_lr_epochs():
+    """The authors' schedule (demo.py): a step, not a smooth decay; epochs counted from 0."""
+    for epoch, lr_epochs, expected in ((0, 150, 1e-4), (149, 150, 1e-4), (150, 150, 5e-5), (299, 150, 5e-5),
+                                       (300, 150, 2.5e-5), (399, 150, 2.5e-5), (299, 300, 1e-4), (799, 300, 2.5e-5)):
+        assert stage1.lr_at(epoch, 1e-4, lr_epochs) == pytest.approx(expected, rel=1e-12), (epoch, lr_epochs)
+
+
 def test_fit_shows_progress_and_the_runs_length(tmp_path, capsys):
     """Within an epoch: a forecast of the whole run once, then progress lines (steps, img/s, the
     epoch's and the run's ETA), each a whole line, so a log file stays readable."""
     model = torch.nn.Linear(2, 2)
     model.loggamma_x = torch.nn.Parameter(torch.zeros(()))
     opt = torch.optim.Adam(model.parameters())
-    ckpt = {"config": {"batch_size": 2, "epochs": 3, "lr": 1e-4, "lr_epochs": 1}, "epoch": 1, "history": []}
+    ckpt = {"config": {"batch_size": 2, "epochs": 3, "lr": 1e-4, "lr_epochs": 2}, "epoch": 1, "history": []}
     batch_loss = lambda x: (model(x).square().mean(),) * 3
     stage1.fit(model, opt, ckpt, (torch.randn(10, 2),), batch_loss, str(tmp_path / "c.pt"), "loggamma_x",
                progress_every=0.0, forecast_after=0.0)
-    assert [h["lr"] for h in ckpt["history"]] == [5e-5, 2.5e-5]  # halved every lr_epochs (here 1) from epoch 0 on
+    assert [h["lr"] for h in ckpt["history"]] == [1e-4, 5e-5]  # epochs 1 and 2 (0-based): halved at epoch 2 = lr_epochs
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"speed: \d+ img/s, so an epoch takes about \d+m\d\ds and these 2 epochs about \d+m\d\ds on cpu", lines[0])
     progress = [l for l in lines if l.startswith("  epoch")]
@@ -443,8 +452,9 @@ def test_stage1_writes_checkpoint_snapshot_latents(tiny):
     assert np.isfinite(mu_z).all() and (sigma_z > 0).all()
     # they are q(z|x) of the first 256 training digits with BatchNorm in evaluation mode, sigma not sigma^2
     vae, _ = sample.load_model(run_dir / "stage1.pt", stage1.build_model, "cpu", "stage1")
+    assert not any(m.training for m in vae.modules())  # load_model: evaluation mode, as sample.py samples
     with torch.no_grad():
-        mu, _, sigma = vae.eval().encoder(stage1.load_images("mnist", tiny.root)[:256].float() / 255)
+        mu, _, sigma = vae.encoder(stage1.load_images("mnist", tiny.root)[:256].float() / 255)
     np.testing.assert_allclose(mu_z, mu.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sigma_z, sigma.numpy(), rtol=1e-5, atol=1e-6)
     assert (run_dir / "stage1_recon.png").stat().st_size > 0
@@ -488,6 +498,22 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path):
     # decodes z ~ N(0, I), not stage 2's z
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_no_z_noise.npy"))
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_stage1.npy"))
+    # which file has the noise: sample.main seeds, loads stage 1 then stage 2 (building a model draws
+    # its initial weights), then calls generate; the same here, with z_noise as each file's name says
+    for name, z_noise in (("samples", True), ("samples_no_z_noise", False)):
+        torch.manual_seed(0)
+        vae1 = sample.load_model(run_dir / "stage1.pt", stage1.build_model, "cpu", "stage1")[0]
+        vae2 = sample.load_model(run_dir / "stage2.pt", stage2.build_model, "cpu", "stage2")[0]
+        expected = sample.generate(vae1, vae2, 30, 16, "cpu", z_noise=z_noise).numpy()
+        np.testing.assert_allclose(np.load(run_dir / f"{name}.npy"), expected, rtol=0, atol=1e-6, err_msg=name)
+    # a reconstruction decodes a draw z ~ q(z|x), not mu_z: other draws, other images (Theorem 4's
+    # limit makes them equal; a 2-epoch model is far from it)
+    digits = stage1.load_images("mnist", tiny.root, train=False)[:8]
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(stage1.reconstruct(vae1, digits))
+    assert torch.equal(draws[0], draws[1]) and not torch.allclose(draws[0], draws[2], atol=1e-4)
     # another stage-1 checkpoint than the one stage 2 was fitted to (here its epoch-1 snapshot; as
     # well a stage 1 trained on): stage2.pt no longer fits it, and sampling says so
     (run_dir / "stage1.pt").unlink()
@@ -627,6 +653,11 @@ def test_aggregate_posterior_samples_draw_from_both_posteriors():
     assert z.mean().item() == pytest.approx(2.0, abs=0.02) and z.std().item() == pytest.approx(0.5, rel=0.02)
     # u = z / 2 + 0.3 eps: mean 1, variance 0.25^2 + 0.3^2
     assert u.mean().item() == pytest.approx(1.0, abs=0.02) and u.std().item() == pytest.approx((0.0625 + 0.09) ** 0.5, rel=0.02)
+    # the n rows are n different digits drawn at random, not the first n: image i has mu_z = i
+    mu_z, sigma_z = torch.arange(1000.0)[:, None].repeat(1, kappa), torch.full((1000, kappa), 1e-3)
+    z, _ = stage2.aggregate_posterior_samples(Stub(), mu_z, sigma_z, n=100)
+    picked = z[:, 0].round().long()
+    assert len(set(picked.tolist())) == 100 and picked.max() >= 100  # distinct, and not all among the first 100
 
 
 def test_table1_rows_are_mean_and_sample_std_over_trials():
@@ -836,7 +867,10 @@ def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypat
     assert fixed["loggamma_x"] == [0.0, 0.0] and set(learned["mse"]) == set(fixed["mse"]) == {"1", "2"}
     assert all(0 < m < 1 for m in [*learned["mse"].values(), *fixed["mse"].values()])
     assert all(math.isclose(learned["log_sqrt_mse"][e], 0.5 * math.log(learned["mse"][e])) for e in ("1", "2"))
-    assert set(kappa) == {"4", "64"} and 0 <= kappa["4"] <= 4 and kappa["64"] == learned["active_dims"]
+    assert set(kappa) == {"4", "64"} and kappa["64"] == learned["active_dims"]
+    for k in (4, 64):  # Section 3's count, from the run's own latents: dimensions with mean sigma_z^2 < 0.5
+        sigma_z = np.load(out / f"learned-gamma-kappa{k}" / "seed3" / "sigma_z.npy")
+        assert sigma_z.shape[1] == k and kappa[str(k)] == int(((sigma_z ** 2).mean(0) < 0.5).sum())
     assert set(budget) == {"1", "2"} and budget["1"]["loggamma_x"] == learned["loggamma_x"][0]
     assert budget["2"]["fid_two_stage"] == answers["z-noise"]["3"]["with_noise"] == answers["fixed-z"]["3"]["fresh"]["fid_two_stage"]
     fids = [answers["z-noise"]["3"]["without_noise"], answers["fixed-z"]["3"]["fixed"]["fid_two_stage"]]
@@ -930,6 +964,7 @@ def test_student_copy_blanks_exactly_the_eight_exercises(tmp_path):
     found = load_script(HERE / "course" / "make_student_copy.py").main([str(student)])
     assert sorted(n for n, _, _ in found) == list(range(1, 9))
     tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
+    assert tracked or not IN_CI, "CI runs in a git checkout: git ls-files must list the repository's files"
     if tracked:  # a git checkout: the copy holds exactly the tracked files
         assert sorted(str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()) == sorted(tracked)
     marked = {rel for _, _, rel in found}
@@ -1113,6 +1148,10 @@ def test_fid_layouts_and_float_convention(inception):
     x = torch.tensor([[[[0.2, 0.6]]], [[[0.5, 0.5]]]], dtype=torch.float64)
     assert torch.allclose(fid.to_float255(x), torch.tensor([[[[51.0, 153.0]]], [[[127.5, 127.5]]]]))
     assert torch.equal(fid.to_float255(x, authors_minmax=True), torch.tensor([[[[0.0, 255.0]]], [[[0.0, 0.0]]]]))
+    rows = torch.tensor([[[[0.2, 0.4], [0.6, 1.0]]]])        # one 2 x 2 image: its min 0.2 and max 1.0
+    channels = torch.tensor([[[[0.2, 0.4]], [[0.6, 1.0]]]])  # one 2-channel 1 x 2 image: the same four values
+    for x in (rows, channels):
+        torch.testing.assert_close(fid.to_float255(x, authors_minmax=True).flatten(), torch.tensor([0.0, 63.75, 127.5, 255.0]))
 
 
 def test_fid_reference_cache_round_trip(inception, tmp_path, monkeypatch):
@@ -1156,6 +1195,19 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
     fid.main(["a.npy", "b.npy", "--inception", str(FID_WEIGHTS), "--batch-size", "8"])
     m = re.search(r"^FID (\S+) \(standard: x\*255, TF legacy resize; a.npy n=8 vs b.npy n=8\)$", capsys.readouterr().out, re.M)
     assert m and np.isfinite(float(m.group(1))) and float(m.group(1)) > 0
+    # --authors-minmax rescales each image of the FIRST array (the generated one), never the second (the
+    # real one): the same FID as the first array min-max rescaled here, in numpy, scored the standard way.
+    # Both arrays at half contrast, so that rescaling either one changes its features.
+    half = (digits / 255 * 0.5).astype(np.float32)
+    lo, hi = half[:8].min(axis=(1, 2), keepdims=True), half[:8].max(axis=(1, 2), keepdims=True)
+    np.save(tmp_path / "a_half.npy", half[:8])
+    np.save(tmp_path / "b_half.npy", half[8:])
+    np.save(tmp_path / "a_rescaled.npy", (half[:8] - lo) / (hi - lo))
+    printed = []
+    for arrays, flags in ((["a_half.npy", "b_half.npy"], ["--authors-minmax"]), (["a_rescaled.npy", "b_half.npy"], [])):
+        fid.main([*arrays, *flags, "--inception", str(FID_WEIGHTS), "--batch-size", "8"])
+        printed.append(float(re.search(r"^FID (\S+) ", capsys.readouterr().out, re.M).group(1)))
+    assert printed[0] == pytest.approx(printed[1], abs=0.02)
     np.save(tmp_path / "nan.npy", np.full((8, 28, 28), np.nan, np.float32))
     with pytest.raises(SystemExit) as e:
         fid.main(["a.npy", "nan.npy", "--inception", str(FID_WEIGHTS)])
