@@ -15,7 +15,8 @@ paper often lose), and sampling z ~ N(0, I) gives poor images. Stage 2
                                                # batch 64, Adam 1e-4 halved every 150
     python stage1.py --data mnist --resume     # continue a killed run from runs/mnist/stage1.pt
 
-Reads the training split through torchvision (--data-root). Writes to --out (default runs/<data>):
+Reads the training split from torchvision's files under --data-root (downloading them through
+torchvision if absent). Writes to --out (default runs/<data>):
 stage1.pt (the checkpoint, rewritten atomically after every epoch), mu_z.npy and sigma_z.npy
 (q(z|x) for the whole training split, n x kappa float32, read by stage2.py), latents.json (the
 checkpoint they come from, loggamma_x, used dimensions) and stage1_recon.png (data above,
@@ -23,7 +24,7 @@ reconstructions below).
 
 Reading order: data, model, loss (eq. (2), eq. (8), eq. (9)), the training loop, encoding for stage 2, main.
 Everything the paper does not describe (die(), the one-line error every check uses; checkpoints,
-RNG, atomic writes, flags; torchvision's readers) is at the end; the defaults, STAGE1_DEFAULTS, follow main.
+RNG, atomic writes, flags; the data readers) is at the end; the defaults, STAGE1_DEFAULTS, follow main.
 The authors' TensorFlow code, cited below by file name (demo.py, network/util.py, ...), is the public
 repository github.com/daib13/TwoStageVAE; the protocol's details, with their sources: docs/protocol.md.
 
@@ -59,11 +60,16 @@ DATA_ENV = "TWOSTAGE_DATA"  # environment variable: the default --data-root
 
 
 def load_images(data, root, train=True):
-    """uint8 tensor (N, C, H, W) of a split, read through torchvision's dataset classes (CelebA
-    cropped as the authors did: _celeba). Local files first; if absent, torchvision's download; if
-    that fails too (offline), one clear error."""
+    """uint8 tensor (N, C, H, W) of a split, from torchvision's files under root: MNIST and
+    Fashion-MNIST straight from their idx files (_idx_images: importing torchvision alone takes 2-3 s
+    on a 2-core CPU), CIFAR-10 through torchvision's class, CelebA cropped as the authors did
+    (_celeba). Local files first; if absent, torchvision's download; if that fails too (offline),
+    one clear error."""
     if data not in SHAPES:
         die(f"unknown data set '{data}'; fix: use one of {', '.join(SHAPES)}")
+    images = _idx_images(data, root, train)
+    if images is not None:
+        return images
     try:
         images = _torchvision_images(data, root, train, download=False)
     except (RuntimeError, FileNotFoundError):
@@ -704,6 +710,26 @@ def start_or_resume(args, path, defaults):
     return ckpt
 
 
+def _idx_images(data, root, train):
+    """MNIST's or Fashion-MNIST's images where torchvision keeps them (<root>/MNIST/raw/
+    train-images-idx3-ubyte, t10k-... for the test split), or None if the file is not there. The idx
+    format: magic 2051 (unsigned bytes, 3 dimensions), then N, rows, columns as big-endian int32,
+    then the pixels, row by row. The same tensor as torchvision's MNIST(...).data (test_smoke.py)."""
+    if data not in ("mnist", "fashion"):
+        return None
+    path = os.path.join(root, FOLDERS[data], f"{'train' if train else 't10k'}-images-idx3-ubyte")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        header = f.read(16)
+        pixels = np.fromfile(f, np.uint8)
+    magic, n, rows, cols = np.frombuffer(header, ">i4") if len(header) == 16 else (0, 0, 0, 0)
+    if magic != 2051 or pixels.size != n * rows * cols:
+        die(f"{path} is not a whole idx image file ({len(header) + pixels.size} bytes); "
+            f"fix: delete it, and torchvision downloads it again")
+    return torch.from_numpy(pixels.reshape(n, 1, rows, cols))
+
+
 def _torchvision_images(data, root, train, download):
     import torchvision.datasets as tvd
     if data == "celeba":
@@ -737,10 +763,19 @@ def _celeba(root, train):
 
 
 def save_grid(images, path, nrow=16):
-    """images: float (N, C, H, W) in [0, 1]; written to a temporary name, then renamed."""
-    from torchvision.utils import save_image
+    """images: float (N, C, H, W) in [0, 1] -> a PNG of nrow images a row, 1-pixel black lines
+    around each, as torchvision's save_image(..., padding=1) draws it (test_smoke.py) without the
+    2-3 s import of torchvision; one channel stays grey. Written to a temporary name, then renamed."""
+    from PIL import Image  # Pillow: torchvision's dependency
+    n, c, h, w = images.shape
+    rows, cols = -(-n // min(nrow, n)), min(nrow, n)
+    pixels = images.float().cpu().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)  # save_image's rounding
+    grid = torch.zeros(c, rows * (h + 1) + 1, cols * (w + 1) + 1, dtype=torch.uint8)
+    for i in range(n):
+        y, x = divmod(i, cols)
+        grid[:, 1 + y * (h + 1):(y + 1) * (h + 1), 1 + x * (w + 1):(x + 1) * (w + 1)] = pixels[i]
     tmp = f"{path}.{os.getpid()}.tmp.png"
-    save_image(images.float().cpu(), tmp, nrow=nrow, padding=1)
+    Image.fromarray(grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 

@@ -146,6 +146,37 @@ def test_fashion_loader_on_fake_copy(tmp_path):
     fake_mnist(tmp_path, folder="FashionMNIST", n=10)
     x = stage1.load_images("fashion", str(tmp_path), train=True)
     assert x.shape == (10, 1, 28, 28) and x.dtype == torch.uint8 and x.max() > 200
+    # a download cut short: one line naming the file and the fix, not a reshape error or silent garbage
+    path = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:16 + 28 * 28 * 9 + 5])
+    with pytest.raises(SystemExit, match="train-images-idx3-ubyte is not a whole idx image file .*; fix: delete it") as e:
+        READ_IMAGES("fashion", str(tmp_path))
+    assert len(str(e.value.code).splitlines()) == 1
+
+
+def test_mnist_reader_gives_torchvisions_tensor():
+    """stage1.py reads MNIST's idx files itself (torchvision's import alone takes 2-3 s): the same
+    uint8 digits, in the same order, as torchvision's reader, for both splits."""
+    import torchvision.datasets as tvd
+    for train, n in ((True, 60000), (False, 10000)):
+        ours = stage1._idx_images("mnist", str(need(DATA_ROOT)), train)
+        theirs = tvd.MNIST(str(DATA_ROOT), train=train, download=False).data
+        assert ours.shape == (n, 1, 28, 28) and ours.dtype == torch.uint8 and torch.equal(ours[:, 0], theirs)
+
+
+def test_save_grid_draws_torchvisions_grid(tmp_path):
+    """stage1.save_grid writes the pixels torchvision's save_image(..., padding=1) writes: grey (one
+    channel, kept as one) and colour, a last row part-filled, values outside [0, 1] clipped."""
+    from PIL import Image
+    from torchvision.utils import save_image
+    x = torch.rand(7, 3, 5, 4) * 1.2 - 0.1
+    for images in (x[:, :1], x):
+        stage1.save_grid(images, str(tmp_path / "ours.png"), nrow=3)
+        save_image(images, str(tmp_path / "theirs.png"), nrow=3, padding=1)
+        ours, theirs = (Image.open(tmp_path / f"{name}.png") for name in ("ours", "theirs"))
+        assert ours.mode == ("L" if images.shape[1] == 1 else "RGB") and ours.size == (3 * 5 + 1, 3 * 6 + 1)
+        assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(theirs.convert("RGB")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.png", "theirs.png"]  # no temporary file left
 
 
 def test_cifar10_loader_on_fake_copy(tmp_path, monkeypatch):
@@ -1203,11 +1234,16 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "a_half.npy", half[:8])
     np.save(tmp_path / "b_half.npy", half[8:])
     np.save(tmp_path / "a_rescaled.npy", (half[:8] - lo) / (hi - lo))
+    # Which array is rescaled is the question here, not the network (tested against TensorFlow's
+    # features above): the stand-in's features, at no cost, tell the four arrays apart as well.
     printed = []
-    for arrays, flags in ((["a_half.npy", "b_half.npy"], ["--authors-minmax"]), (["a_rescaled.npy", "b_half.npy"], [])):
-        fid.main([*arrays, *flags, "--inception", str(FID_WEIGHTS), "--batch-size", "8"])
-        printed.append(float(re.search(r"^FID (\S+) ", capsys.readouterr().out, re.M).group(1)))
-    assert printed[0] == pytest.approx(printed[1], abs=0.02)
+    with monkeypatch.context() as m:
+        m.setattr(fid, "load_inception", stand_in_inception)
+        for arrays, flags in ((["a_half.npy", "b_half.npy"], ["--authors-minmax"]), (["a_rescaled.npy", "b_half.npy"], []),
+                              (["a_half.npy", "b_half.npy"], [])):
+            fid.main([*arrays, *flags, "--batch-size", "8"])
+            printed.append(float(re.search(r"^FID (\S+) ", capsys.readouterr().out, re.M).group(1)))
+    assert printed[0] == pytest.approx(printed[1], abs=0.02) and printed[0] != pytest.approx(printed[2], rel=0.01)
     np.save(tmp_path / "nan.npy", np.full((8, 28, 28), np.nan, np.float32))
     with pytest.raises(SystemExit) as e:
         fid.main(["a.npy", "nan.npy", "--inception", str(FID_WEIGHTS)])
