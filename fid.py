@@ -111,7 +111,7 @@ def _product_eigenvalues(s1, s2):
     return np.linalg.eigvalsh((a + a.T) / 2)
 
 
-# Exercise 8: the Frechet distance between two Gaussians, the FID of Section 5 (Heusel et al. 2017)
+# Exercise 8: the Frechet distance of two Gaussians, Section 5's FID (Heusel et al. 2017)
 def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), float, for means (D,) and
     covariances (D, D) (docs/protocol.md, "FID"; TTUR's fid.py).

@@ -271,7 +271,7 @@ def build_model(config):
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-# Exercise 1: the Gaussian decoder's -log p(x|z) with a learned gamma (Definition 1; eq. (8)'s data term)
+# Exercise 1: -log p(x|z) of the Gaussian decoder with a learned gamma (Definition 1, eq. (8))
 def gaussian_nll(x, x_hat, loggamma):
     """-log N(x | x_hat, gamma^2 I) for each example of a batch, gamma = exp(loggamma) a STANDARD
     DEVIATION: |x - x_hat|^2 / (2 gamma^2) + d (loggamma + log(2 pi) / 2), d the pixels per example.
@@ -289,7 +289,7 @@ def bernoulli_nll(x, x_hat):
     return -(x * x_hat.clamp_min(eps).log() + (1 - x) * (1 - x_hat).clamp_min(eps).log()).flatten(1).sum(1)
 
 
-# Exercise 2: the KL term of eq. (2), KL[N(mu, diag sigma^2) || N(0, I)] (2 KL + kappa is eq. (9)'s trace + |mu|^2 - log|Sigma|)
+# Exercise 2: the KL term of eq. (2) against N(0, I) (twice it is eq. (9)'s terms, minus kappa)
 def kl_standard_normal(mu, log_sigma):
     """KL[N(mu, diag sigma^2) || N(0, I)] for each example: sum over dimensions of
     (mu^2 + sigma^2 - 2 log sigma - 1) / 2; twice it is eq. (9)'s trace[Sigma_z] + |mu_z|^2 -
@@ -298,7 +298,7 @@ def kl_standard_normal(mu, log_sigma):
     return ((mu.square() + torch.exp(2 * log_sigma) - 2 * log_sigma - 1) / 2).sum(1)
 
 
-# Exercise 3: the reparameterised draw z ~ N(mu, diag sigma^2) (Kingma & Welling 2014; Section 1)
+# Exercise 3: the reparameterised draw z ~ N(mu, diag sigma^2) (Section 1; Kingma & Welling 2014)
 def reparameterize(mu, sigma):
     """z = mu + sigma * eps, eps ~ N(0, I): one draw per row, differentiable in mu and sigma, so
     the gradient of eq. (2)'s expectation reaches the encoder. sigma a standard deviation."""
@@ -375,7 +375,7 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
 # Between the stages (docs/protocol.md, "Between the stages"): encode the whole training split
 # once, BatchNorm in EVALUATION mode, and keep q(z|x) = N(mu_z, sigma_z^2) for stage 2.
 
-# Exercise 5: encoding the training split for stage 2 (Section 4, step 1; BatchNorm in evaluation mode, as the authors)
+# Exercise 5: the latents for stage 2, BatchNorm in evaluation mode (Section 4, step 1)
 @torch.inference_mode()
 def encode(model, images, batch=1000):
     """(mu_z, sigma_z) of uint8 images (N, C, H, W): two float32 numpy arrays (N, kappa), the

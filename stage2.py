@@ -90,7 +90,7 @@ def build_model(config):
     return Stage2VAE(config["latent_dim"], config["width"], config["depth"])
 
 
-# Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (the authors' demo.py; docs/protocol.md, "Between the stages")
+# Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (Section 4, step 2; the authors' demo.py)
 def fresh_z(mu_z, sigma_z):
     """One new draw z = mu_z + sigma_z * eps for each row of a batch of stage 1's latents (B, kappa),
     sigma_z a standard deviation. The same draw as stage1.reparameterize; what matters here is

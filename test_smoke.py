@@ -12,7 +12,7 @@ One tiny two-stage run is trained once (the `tiny` fixture: stage 1 through the 
 stage 2 in this process) and shared; tests that change a run work on a copy. Each of stage1.py,
 stage2.py, sample.py and fid.py runs through the real command line (a subprocess) where that is what
 a test is about; everything else calls the scripts' main() in this process, which runs the same code
-without paying Python's and torch's start-up (about 2.5 s with torchvision) for each call."""
+without paying Python's and torch's start-up for each call (its cost: results/README.md, "Test suite time")."""
 import argparse
 import copy
 import functools

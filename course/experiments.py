@@ -236,6 +236,7 @@ def plot(name, results, path, a):
             ax.plot(k, k, "k:", label=label("all kappa"))
             ax.set(xlabel="kappa", ylabel="used dimensions", xscale="log")
             ax.set_xticks(k, [str(x) for x in k])
+            ax.minorticks_off()  # a log axis under a decade labels its minor ticks too, over the kappas
         elif name == "budget":
             e = sorted(int(x) for x in r)
             ax.plot(e, [r[str(x)]["fid_one_stage"] for x in e], "C1o-", label=label("1-stage"))
