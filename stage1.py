@@ -723,7 +723,7 @@ def _idx_images(data, root, train):
     with open(path, "rb") as f:
         header = f.read(16)
         pixels = np.fromfile(f, np.uint8)
-    magic, n, rows, cols = np.frombuffer(header, ">i4") if len(header) == 16 else (0, 0, 0, 0)
+    magic, n, rows, cols = map(int, np.frombuffer(header, ">i4")) if len(header) == 16 else (0, 0, 0, 0)
     if magic != 2051 or pixels.size != n * rows * cols:
         die(f"{path} is not a whole idx image file ({len(header) + pixels.size} bytes); "
             f"fix: delete it, and torchvision downloads it again")
