@@ -1,7 +1,7 @@
 """Stage 1 of the Two-Stage VAE (Dai & Wipf, "Diagnosing and Enhancing VAE Models", ICLR 2019).
 
 A kappa-simple VAE (latent size kappa = 64) whose Gaussian decoder learns its own variance gamma
-(Definition 1, Sections 2-3). At the optimum gamma -> 0 (Theorem 3), and the VAE then reconstructs
+(Definition 1, Sections 2-3; the code learns its square root: Notation, below). At the optimum gamma -> 0 (Theorem 3), and the VAE then reconstructs
 every x on the data manifold of dimension r (d = pixels > r) from any z ~ q(z|x) (Theorem 4, eq.
 (7)); the encoder variances go to ~0 for the r latent dimensions the decoder uses and ~1 for the
 rest (Section 3 after eq. (9), Figure 1b, "Validation of Theorem 4"). But the
@@ -11,8 +11,8 @@ paper often lose), and sampling z ~ N(0, I) gives poor images. Stage 2
 (stage2.py) fixes that.
 
     python stage1.py --data mnist --epochs 10  # CPU-sized (its time: README.md, "Quick start")
-    python stage1.py --data mnist              # the authors' protocol: 400 epochs (cifar10: 1000, as in Table 1),
-                                               # batch 64, Adam 1e-4 halved every 150
+    python stage1.py --data mnist              # the authors' protocol: 400 epochs (cifar10: 1000, as the
+                                               # authors ran Table 1's column), batch 64, Adam 1e-4 halved every 150
     python stage1.py --data mnist --resume     # continue a killed run from runs/mnist/stage1.pt
 
 Reads the training split from torchvision's files under --data-root (downloading them through
@@ -23,8 +23,9 @@ checkpoint they come from, loggamma_x, used dimensions) and stage1_recon.png (da
 reconstructions below).
 
 Reading order: data, model, loss (eq. (2), eq. (8), eq. (9)), the training loop, encoding for stage 2, main.
-Everything the paper does not describe (die(), the one-line error every check uses; checkpoints,
-RNG, atomic writes, flags; the data readers) is at the end; the defaults, STAGE1_DEFAULTS, follow main.
+Everything the paper does not describe is at the end, below a line of '=': die() (the one-line
+error every check uses), checkpoints, RNG, atomic writes, flags, the data readers. The defaults,
+STAGE1_DEFAULTS, follow main.
 The authors' TensorFlow code, cited below by file name (demo.py, network/util.py, ...), is the public
 repository github.com/daib13/TwoStageVAE; the protocol's details, with their sources: docs/protocol.md.
 
@@ -114,18 +115,15 @@ def bn(features, dims=2):
 
 
 class SpectralNorm(nn.Module):
-    """A layer whose weight W is divided by its largest singular value sigma (Miyato et al. 2018),
-    estimated by one power iteration per training step, as the authors do on every encoder layer
-    (not in the paper: their network/util.py, which also iterates while encoding; docs/protocol.md,
-    "Where this code departs from the authors'"; it holds each layer's largest singular value at
-    about 1; the decoder has none). The gradient flows through
-    sigma = u.W v, as in torch and in the authors' TF. The same numbers as torch's
-    parametrizations.spectral_norm with the same u, v (results/speed.py swaps one for the other;
-    test_smoke.py checks the trajectories agree). 16 warm-up iterations: torch's 15 plus the one
-    its registration check runs (the authors' TF has none, a difference gone after a few hundred
-    steps). Why not torch's: it divides the WEIGHT by sigma, which costs several passes over the
-    6.4M-entry dense weight in the backward pass; we divide the layer's OUTPUT instead
-    (results/README.md, "Speed")."""
+    """A layer whose weight W is divided by its largest singular value sigma (Miyato et al. 2018; a
+    singular value, not the encoder's sigma_z), as the authors do on every encoder layer (not in the
+    paper: their network/util.py; the decoder has none). sigma = u.W v, with u and v advanced by one
+    power iteration per training step and none in evaluation mode (the authors' TF iterates while
+    encoding too: docs/protocol.md, "Where this code departs from the authors'"), after 16 warm-up
+    iterations; the gradient flows through sigma, as in torch and the authors' TF. The same numbers
+    as torch's parametrizations.spectral_norm with the same u, v (test_smoke.py checks the two
+    trajectories agree), but we divide the layer's OUTPUT by sigma instead of the weight, which
+    spares the backward pass several passes over the 6.4M-entry dense weight (results/README.md, "Speed")."""
 
     def __init__(self, layer, warmup=16):
         super().__init__()
@@ -273,9 +271,9 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 # Exercise 1: -log p(x|z) of the Gaussian decoder with a learned gamma (Definition 1, eq. (8))
 def gaussian_nll(x, x_hat, loggamma):
-    """-log N(x | x_hat, gamma^2 I) for each example of a batch, gamma = exp(loggamma) a STANDARD
-    DEVIATION: |x - x_hat|^2 / (2 gamma^2) + d (loggamma + log(2 pi) / 2), d the pixels per example.
-    In the paper's notation (its gamma a variance) this is half of eq. (8)'s integrand,
+    """-log N(x | x_hat, gamma_x^2 I) for each example of a batch, gamma_x = exp(loggamma) a STANDARD
+    DEVIATION: |x - x_hat|^2 / (2 gamma_x^2) + d (loggamma + log(2 pi) / 2), d the pixels per example.
+    With the paper's gamma = gamma_x^2 (a variance) this is half of eq. (8)'s integrand,
     |x - x_hat|^2 / (2 gamma) + d/2 log(2 pi gamma). Unbounded below as gamma -> 0, so a negative
     loss is expected (Theorem 3). Shapes: x, x_hat (B, ...), loggamma a scalar tensor -> (B,)."""
     d = x[0].numel()
@@ -341,7 +339,8 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
     first dimension indexes the examples; batch_loss(*batch) -> (loss, rec, kl) for one batch of
     each. Losses are summed on the device and read once per epoch: no host sync per step. After
     forecast_after seconds, one line says how long the run will take; then a progress line every
-    progress_every seconds (wall time). The bookkeeping (progress, checkpoints) is at the end."""
+    progress_every seconds (wall time). loggamma_name: the model's parameter logged and checked
+    each epoch ("loggamma_x" / "loggamma_z"). The bookkeeping (progress, checkpoints) is at the end."""
     reuse_freed_memory()
     cfg = ckpt["config"]
     device = next(model.parameters()).device
@@ -452,8 +451,8 @@ def main(argv=None):
 # The authors' protocol (their demo.py) as defaults (docs/protocol.md): flags that define a run, fixed at its start.
 STAGE1_DEFAULTS = {"data": "mnist", "epochs": 400, "lr": 1e-4, "lr_epochs": 150, "batch_size": 64, "seed": 0,
                    "arch": "infogan", "loss": "learned-gamma", "latent_dim": 64, "limit": 0, "bn_momentum": 0.001}
-# Table 1's CIFAR-10 column trained longer than demo.py's 400 + 800 epochs (the authors, on their issue
-# tracker; docs/protocol.md, "Budgets beyond the defaults"): stage 1's and stage 2's default epochs there.
+# The default (stage 1, stage 2) epochs for cifar10: Table 1's CIFAR-10 column trained longer than demo.py's
+# 400 + 800 (the authors, on their issue tracker; docs/protocol.md, "Budgets beyond the defaults").
 CIFAR10_EPOCHS = (1000, 2000)
 
 
