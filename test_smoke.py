@@ -75,12 +75,15 @@ def need(path):
     return path
 
 
-def run(script, *args, cwd=HERE, check=True, timeout=600):
+def run(script, *args, cwd=HERE, check=True, timeout=600, env=None):
     r = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check:
         assert r.returncode == 0, f"{script} {args} failed:\n{r.stdout}\n{r.stderr}"
     return r
+
+
+IMPORTS_TO_STDERR = {"PYTHONPROFILEIMPORTTIME": "1"}  # python -X importtime: one stderr line per module imported
 
 
 def refused(main, argv):
@@ -454,9 +457,10 @@ def tiny(data_root, tmp_path_factory):
     """One tiny two-stage run: stage 1 through the real command line for 2 epochs on 256 digits
     (kappa 8, a snapshot at epoch 1), then stage 2 for 2 epochs. Shared: tests that change it copy it."""
     d = tmp_path_factory.mktemp("tiny") / "run"
-    r = run("stage1.py", "--data", "mnist", "--data-root", data_root, "--out", d, "--epochs", 2, "--snapshots", 1, *TINY1)
+    r = run("stage1.py", "--data", "mnist", "--data-root", data_root, "--out", d, "--epochs", 2, "--snapshots", 1, *TINY1,
+            env=IMPORTS_TO_STDERR)
     stage2.main([str(a) for a in ["--data", "mnist", "--out", d, "--epochs", 2, *TINY2]])  # its command line: test_stage2_refuses_bad_latents
-    return SimpleNamespace(dir=d, root=str(data_root), stage1_stdout=r.stdout)
+    return SimpleNamespace(dir=d, root=str(data_root), stage1_stdout=r.stdout, stage1_imports=r.stderr)
 
 
 def copy_run(tiny, to, stage2_too=True):
@@ -471,6 +475,8 @@ def copy_run(tiny, to, stage2_too=True):
 def test_stage1_writes_checkpoint_snapshot_latents(tiny):
     run_dir = tiny.dir
     assert re.search(r"epoch 2/2 \| loss \S+ \| rec \S+ \| kl \S+ \| loggamma_x -?\d\.\d+ \| \d+ img/s \| ETA", tiny.stage1_stdout)
+    # MNIST read and the PNG drawn without importing torchvision (2-3 s of a run's start: stage1._idx_images)
+    assert "| torch\n" in tiny.stage1_imports and not re.search(r"\| +torchvision\b", tiny.stage1_imports)
     ck = state(run_dir / "stage1.pt")
     assert ck["epoch"] == 2 and ck["config"]["latent_dim"] == 8 and len(ck["history"]) == 2
     assert ck["config"]["lr"] == 1e-4 and ck["config"]["lr_epochs"] == 150 and ck["config"]["loss"] == "learned-gamma"
@@ -515,7 +521,8 @@ def test_stage2_writes_checkpoint_and_table3(tiny):
 
 def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path):
     run_dir = copy_run(tiny, tmp_path / "run")
-    run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16)  # the command line once
+    r = run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16, env=IMPORTS_TO_STDERR)  # the command line once
+    assert "| torch\n" in r.stderr and not re.search(r"\| +torchvision\b", r.stderr)  # its grid drawn without it
     for flags, name in ((["--stage", 1], "samples_stage1"), (["--stage", 2, "--no-z-noise"], "samples_no_z_noise"),
                         (["--recon", "--data-root", tiny.root], "recon")):
         sample.main([str(a) for a in ["--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16, *flags]])
