@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage1 import DATA_ENV, check_device, default_device, load_images, reuse_freed_memory, versions  # the project's data loader and helpers
+from stage1 import DATA_ENV, check_device, default_device, fmt_time, load_images, reuse_freed_memory, versions  # the project's data loader and helpers
 
 # -----------------------------------------------------------------------------
 # config
@@ -70,7 +70,8 @@ def features(images, model, batch_size=50, device="cpu", authors_minmax=False, p
         out[i:i + len(batch)] = model(x).float().cpu().numpy()
         done = i + len(batch)
         if progress and (b % 10 == 9 or done == n):
-            print(f"\rfid: {done}/{n} images, {done / (time.time() - t0):.1f} images/s",
+            rate = done / (time.time() - t0)
+            print(f"\rfid: {done}/{n} images, {rate:.1f} images/s, {fmt_time((n - done) / rate)} left",
                   end="\n" if done == n else "", file=sys.stderr, flush=True)
     return out
 

@@ -1192,6 +1192,13 @@ def test_fid_layouts_and_float_convention(inception):
         torch.testing.assert_close(fid.to_float255(x, authors_minmax=True).flatten(), torch.tensor([0.0, 63.75, 127.5, 255.0]))
 
 
+def test_fid_features_print_progress_and_time_left(capsys):
+    # every 10 batches and at the end, on stderr, one line rewritten in place: done, rate, time left
+    fid.features(np.zeros((23, 28, 28), np.uint8), block_means, batch_size=2)
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"\rfid: 20/23 images, [\d.]+ images/s, 0m00s left\rfid: 23/23 images, [\d.]+ images/s, 0m00s left\n", err), err
+
+
 def test_fid_reference_cache_round_trip(inception, tmp_path, monkeypatch):
     cache = tmp_path / "fid_stats"
     mu, sigma = fid.reference_stats("mnist", "test", 8, str(need(DATA_ROOT)), cache, inception,
