@@ -62,9 +62,10 @@ DATA_ENV = "TWOSTAGE_DATA"  # environment variable: the default --data-root
 
 def load_images(data, root, train=True):
     """uint8 tensor (N, C, H, W) of a split, from torchvision's files under root: MNIST and
-    Fashion-MNIST straight from their idx files (_idx_images: importing torchvision alone takes 2-3 s
-    on a 2-core CPU), CIFAR-10 through torchvision's class, CelebA cropped as the authors did
-    (_celeba). Local files first; if absent, torchvision's download; if that fails too (offline),
+    Fashion-MNIST straight from their idx files (_idx_images: importing torchvision takes 2-3 s on a
+    2-core CPU, most of it torch._dynamo, which a training run's optimizer imports anyway, but
+    sample.py and fid.py do not), CIFAR-10 through torchvision's class, CelebA cropped as the authors
+    did (_celeba). Local files first; if absent, torchvision's download; if that fails too (offline),
     one clear error."""
     if data not in SHAPES:
         die(f"unknown data set '{data}'; fix: use one of {', '.join(SHAPES)}")

@@ -475,7 +475,7 @@ def copy_run(tiny, to, stage2_too=True):
 def test_stage1_writes_checkpoint_snapshot_latents(tiny):
     run_dir = tiny.dir
     assert re.search(r"epoch 2/2 \| loss \S+ \| rec \S+ \| kl \S+ \| loggamma_x -?\d\.\d+ \| \d+ img/s \| ETA", tiny.stage1_stdout)
-    # MNIST read and the PNG drawn without importing torchvision (2-3 s of a run's start: stage1._idx_images)
+    # MNIST read and the PNG drawn without importing torchvision (stage1._idx_images, stage1.save_grid)
     assert "| torch\n" in tiny.stage1_imports and not re.search(r"\| +torchvision\b", tiny.stage1_imports)
     ck = state(run_dir / "stage1.pt")
     assert ck["epoch"] == 2 and ck["config"]["latent_dim"] == 8 and len(ck["history"]) == 2
