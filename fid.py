@@ -63,14 +63,14 @@ def features(images, model, batch_size=50, device="cpu", authors_minmax=False, p
     images = as_nchw(images)
     n = len(images)
     out = np.empty((n, 2048), np.float32)
-    t0 = time.time()
+    t0 = time.perf_counter()
     for b, i in enumerate(range(0, n, batch_size)):
         batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # a copy: mmap is read-only
         x = preprocess(batch, authors_minmax).contiguous(memory_format=torch.channels_last)
         out[i:i + len(batch)] = model(x).float().cpu().numpy()
         done = i + len(batch)
         if progress and (b % 10 == 9 or done == n):
-            rate = done / (time.time() - t0)
+            rate = done / max(time.perf_counter() - t0, 1e-6)
             print(f"\rfid: {done}/{n} images, {rate:.1f} images/s, {fmt_time((n - done) / rate)} left",
                   end="\n" if done == n else "", file=sys.stderr, flush=True)
     return out

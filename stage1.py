@@ -63,17 +63,16 @@ DATA_ENV = "TWOSTAGE_DATA"  # environment variable: the default --data-root
 def load_images(data, root, train=True):
     """uint8 tensor (N, C, H, W) of a split, from torchvision's files under root: MNIST and
     Fashion-MNIST straight from their idx files (_idx_images: importing torchvision takes 2-3 s on a
-    2-core CPU, most of it torch._dynamo, which a training run's optimizer imports anyway, but
+    2-core CPU, much of it torch._dynamo, which a training run's optimizer imports anyway, but
     sample.py and fid.py do not), CIFAR-10 through torchvision's class, CelebA cropped as the authors
     did (_celeba). Local files first; if absent, torchvision's download; if that fails too (offline),
     one clear error."""
     if data not in SHAPES:
         die(f"unknown data set '{data}'; fix: use one of {', '.join(SHAPES)}")
     images = _idx_images(data, root, train)
-    if images is not None:
-        return images
     try:
-        images = _torchvision_images(data, root, train, download=False)
+        if images is None:
+            images = _torchvision_images(data, root, train, download=False)
     except (RuntimeError, FileNotFoundError):
         try:
             images = _torchvision_images(data, root, train, download=True)
@@ -82,7 +81,9 @@ def load_images(data, root, train=True):
                 f"({type(e).__name__}); fix: put torchvision's files in {os.path.join(root, FOLDERS[data])} "
                 f"or pass --data-root DIR (or set {DATA_ENV}) to a folder that has them")
     channels, size = SHAPES[data]
-    assert images.shape[1:] == (channels, size, size), images.shape
+    if images.shape[1:] != (channels, size, size):
+        die(f"{data} images under {os.path.abspath(root)} are {tuple(images.shape[1:])}, not {(channels, size, size)}; "
+            f"fix: point --data-root at the original files")
     return images.contiguous()
 
 
@@ -774,6 +775,8 @@ def save_grid(images, path, nrow=16):
     for i in range(n):
         y, x = divmod(i, cols)
         grid[:, 1 + y * (h + 1):(y + 1) * (h + 1), 1 + x * (w + 1):(x + 1) * (w + 1)] = pixels[i]
+    if n == 1:  # torchvision's make_grid: one image, no lines
+        grid = pixels[0]
     tmp = f"{path}.{os.getpid()}.tmp.png"
     Image.fromarray(grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)

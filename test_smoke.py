@@ -130,7 +130,7 @@ READ_IMAGES = stage1.load_images
 
 
 @functools.lru_cache(maxsize=8)
-def read_images_once(data, root, train):
+def read_images_once(data, root, train, root_stat):
     return READ_IMAGES(data, root, train)
 
 
@@ -139,8 +139,11 @@ def images_read_once(monkeypatch):
     """The tests call the scripts' main() dozens of times in this process, and each call reads its
     data set afresh (0.3 s for MNIST's 60,000 digits on a 2-core CPU); here each (data set, root,
     split) is read once, and every caller gets a copy of its own. Every test writes its fake data
-    sets under a root of its own, once, so a cached read never misses a change of the files."""
-    once = lambda data, root, train=True: read_images_once(data, os.path.realpath(root), train).clone()
+    sets under a root of its own, once; the root's inode and change time are part of the key, since
+    pytest.ini deletes a passing test's tmp_path and a later test can get the same path."""
+    def once(data, root, train=True):
+        st = os.stat(root) if os.path.exists(root) else None
+        return read_images_once(data, os.path.realpath(root), train, st and (st.st_ino, st.st_ctime_ns)).clone()
     monkeypatch.setattr(stage1, "load_images", once)
     monkeypatch.setattr(fid, "load_images", once)
 
@@ -155,6 +158,9 @@ def test_fashion_loader_on_fake_copy(tmp_path):
     with pytest.raises(SystemExit, match="train-images-idx3-ubyte is not a whole idx image file .*; fix: delete it") as e:
         READ_IMAGES("fashion", str(tmp_path))
     assert len(str(e.value.code).splitlines()) == 1
+    write_idx(path, np.zeros((3, 32, 32)))  # a whole file of another size: refused before any model sees it
+    with pytest.raises(SystemExit, match=r"fashion images under .* are \(1, 32, 32\), not \(1, 28, 28\); fix"):
+        READ_IMAGES("fashion", str(tmp_path))
 
 
 def test_mnist_reader_gives_torchvisions_tensor():
@@ -173,11 +179,12 @@ def test_save_grid_draws_torchvisions_grid(tmp_path):
     from PIL import Image
     from torchvision.utils import save_image
     x = torch.rand(7, 3, 5, 4) * 1.2 - 0.1
-    for images in (x[:, :1], x):
-        stage1.save_grid(images, str(tmp_path / "ours.png"), nrow=3)
-        save_image(images, str(tmp_path / "theirs.png"), nrow=3, padding=1)
+    for images, nrow, size in ((x[:, :1], 3, (3 * 5 + 1, 3 * 6 + 1)), (x, 3, (3 * 5 + 1, 3 * 6 + 1)),
+                               (x[:2], 3, (2 * 5 + 1, 6 + 1)), (x[:1], 3, (4, 5))):  # fewer than a row; one image
+        stage1.save_grid(images, str(tmp_path / "ours.png"), nrow=nrow)
+        save_image(images, str(tmp_path / "theirs.png"), nrow=nrow, padding=1)
         ours, theirs = (Image.open(tmp_path / f"{name}.png") for name in ("ours", "theirs"))
-        assert ours.mode == ("L" if images.shape[1] == 1 else "RGB") and ours.size == (3 * 5 + 1, 3 * 6 + 1)
+        assert ours.mode == ("L" if images.shape[1] == 1 else "RGB") and ours.size == size, (ours.size, size)
         assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(theirs.convert("RGB")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.png", "theirs.png"]  # no temporary file left
 
@@ -1196,7 +1203,7 @@ def test_fid_features_print_progress_and_time_left(capsys):
     # every 10 batches and at the end, on stderr, one line rewritten in place: done, rate, time left
     fid.features(np.zeros((23, 28, 28), np.uint8), block_means, batch_size=2)
     err = capsys.readouterr().err
-    assert re.fullmatch(r"\rfid: 20/23 images, [\d.]+ images/s, 0m00s left\rfid: 23/23 images, [\d.]+ images/s, 0m00s left\n", err), err
+    assert re.fullmatch(r"\rfid: 20/23 images, [\d.]+ images/s, \d+m\d\ds left\rfid: 23/23 images, [\d.]+ images/s, 0m00s left\n", err), err
 
 
 def test_fid_reference_cache_round_trip(inception, tmp_path, monkeypatch):
