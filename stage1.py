@@ -772,12 +772,13 @@ def save_grid(images, path, nrow=16):
     n, c, h, w = images.shape
     rows, cols = -(-n // min(nrow, n)), min(nrow, n)
     pixels = images.float().cpu().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)  # save_image's rounding
-    grid = torch.zeros(c, rows * (h + 1) + 1, cols * (w + 1) + 1, dtype=torch.uint8)
-    for i in range(n):
-        y, x = divmod(i, cols)
-        grid[:, 1 + y * (h + 1):(y + 1) * (h + 1), 1 + x * (w + 1):(x + 1) * (w + 1)] = pixels[i]
     if n == 1:  # torchvision's make_grid: one image, no lines
         grid = pixels[0]
+    else:
+        grid = torch.zeros(c, rows * (h + 1) + 1, cols * (w + 1) + 1, dtype=torch.uint8)
+        for i in range(n):
+            y, x = divmod(i, cols)
+            grid[:, 1 + y * (h + 1):(y + 1) * (h + 1), 1 + x * (w + 1):(x + 1) * (w + 1)] = pixels[i]
     tmp = f"{path}.{os.getpid()}.tmp.png"
     Image.fromarray(grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)
