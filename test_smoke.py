@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import re
 import shutil
 import subprocess
@@ -733,6 +734,14 @@ def test_table1_rows_are_mean_and_sample_std_over_trials():
     row = table1.mean_std([10.0, 12.0, 17.0])
     assert row["fid"] == 13.0 and row["std"] == pytest.approx(math.sqrt(13.0)) and row["n_trials"] == 3  # ddof 1
     assert table1.mean_std([5.0]) == {"fid": 5.0, "std": None, "n_trials": 1, "values": [5.0]}
+
+
+def test_table1_names_the_machine_kind(tmp_path):
+    """The results' "machine" says which of the two CPU kinds (they differ in speed and rounding)."""
+    for flags, kind in (("fpu sse2 avx2 avx512f avx512bw", "AVX-512"), ("fpu sse2 avx avx2 fma", "AVX2 only"), ("fpu sse2", "no AVX2")):
+        # /proc/cpuinfo repeats its block once per core
+        (tmp_path / "cpuinfo").write_text(2 * f"processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: {flags}\n\n")
+        assert table1.machine(tmp_path / "cpuinfo") == f"AMD EPYC 9R14, {os.cpu_count()} cores, {kind}, {platform.system()}"
 
 
 def block_means(x):
