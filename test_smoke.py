@@ -801,7 +801,8 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     # each row trained its own decoder's loss: the Gaussian with gamma = 1 costs at least d/2 log(2 pi)
     # = 720.4 nats a digit whatever x_hat is; the Bernoulli one is d log 2 = 543 at x_hat = 1/2, and 566
     # after this test's epoch on MNIST (a cross-entropy row that trained fixed gamma would sit above)
-    rec_of = {d: state(out / d / "seed0" / "stage1.pt")["history"][-1]["rec"] for d in ("fixed-gamma", "cross-entropy")}
+    rec_of = {d: stage1.load_checkpoint(out / d / "seed0" / "stage1.pt", keys=("history",))["history"][-1]["rec"]
+              for d in ("fixed-gamma", "cross-entropy")}
     assert rec_of["cross-entropy"] < 784 / 2 * math.log(2 * math.pi) < rec_of["fixed-gamma"], rec_of
     fid_of = lambda d, name, convention="fid": json.loads((out / d / "seed0" / f"{name}.{convention}.json").read_text())["fid"]
     assert summary["rows"]["two_stage"]["fid"] == fid_of("learned-gamma", "samples")
