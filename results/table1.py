@@ -295,9 +295,10 @@ def machine(cpuinfo="/proc/cpuinfo"):
     if not os.path.exists(cpuinfo):
         return f"{platform.processor()}, {os.cpu_count()} cores, {platform.system()}"
     info = {}
-    for line in open(cpuinfo):
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
+    with open(cpuinfo) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     flags = info.get("flags", "").split()
     vector = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
     return f"{info.get('model name', platform.processor())}, {os.cpu_count()} cores, {vector}, {platform.system()}"
