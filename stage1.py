@@ -5,11 +5,10 @@ A kappa-simple VAE (latent size kappa = 64) whose Gaussian decoder learns its ow
 gamma -> 0 (Theorem 3), and the VAE then reconstructs every x on the data manifold of dimension r
 (d = pixels > r) from any z ~ q(z|x) (Theorem 4, eq. (7)); the encoder variances go to ~0 for the
 r latent dimensions the decoder uses and ~1 for the rest (Section 3 after eq. (9), Figure 1b,
-"Validation of Theorem 4"). But the
-measure on the manifold need not be learned, so the aggregate posterior q(z) need not be even
-approximately N(0, I) (eq. (10); its symbol is "not approximately equal", which text copies of the
-paper often lose), and sampling z ~ N(0, I) gives poor images. Stage 2
-(stage2.py) fixes that.
+"Validation of Theorem 4"). But the measure on the manifold need not be learned, so the aggregate
+posterior q(z) need not be even approximately N(0, I) (eq. (10); its symbol is "not approximately
+equal", which text copies of the paper often lose), and sampling z ~ N(0, I) gives poor images.
+Stage 2 (stage2.py) fixes that.
 
     python stage1.py --data mnist --epochs 10  # CPU-sized (its time: README.md, "Quick start")
     python stage1.py --data mnist              # the authors' protocol: 400 epochs (cifar10: 1000, as the

@@ -547,7 +547,8 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path, monkeypa
         assert (run_dir / f"{name}.png").stat().st_size > 0
         fid.as_nchw(x)  # what sample.py writes, fid.py accepts
     # --recon reconstructs digits of the test split (a reconstruction FID compares them with it), not training ones
-    test_digits = {bytes(x.numpy()) for x in stage1.load_images("mnist", tiny.root, train=False)}
+    test_split = stage1.load_images("mnist", tiny.root, train=False)
+    test_digits = {bytes(x.numpy()) for x in test_split}
     assert len(reconstructed) == 1 and len(reconstructed[0]) == 30
     assert all(bytes(x.numpy()) in test_digits for x in reconstructed[0])
     # the same u (same seed) with and without the gamma_z eps term: different images; and --stage 1
@@ -564,7 +565,7 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path, monkeypa
         np.testing.assert_allclose(np.load(run_dir / f"{name}.npy"), expected, rtol=0, atol=1e-6, err_msg=name)
     # a reconstruction decodes a draw z ~ q(z|x), not mu_z: other draws, other images (Theorem 4's
     # limit makes them equal; a 2-epoch model is far from it)
-    digits = stage1.load_images("mnist", tiny.root, train=False)[:8]
+    digits = test_split[:8]
     draws = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
