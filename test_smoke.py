@@ -699,14 +699,14 @@ def test_stage2_takes_a_gaussian_q_z_to_n01(tiny, tmp_path):
     width 64 (not the paper's 1e-4 and 1024) so that 10 epochs, 320 steps, get there in about a second."""
     run_dir = copy_run(tiny, tmp_path / "run", stage2_too=False)
     g = torch.Generator().manual_seed(0)
-    mu_z = 2 + 0.5 * torch.randn(2048, 4, generator=g)
+    mu_z, sigma_z = 2 + 0.5 * torch.randn(2048, 4, generator=g), torch.full((2048, 4), 0.05)
     np.save(run_dir / "mu_z.npy", mu_z.numpy())
-    np.save(run_dir / "sigma_z.npy", np.full((2048, 4), 0.05, np.float32))
+    np.save(run_dir / "sigma_z.npy", sigma_z.numpy())
     stage2.main([str(a) for a in ["--out", run_dir, "--epochs", 10, "--lr", 1e-3, "--width", 64, "--seed", 0, "--mmd-n", 2048]])
     summary = json.loads((run_dir / "stage2.json").read_text())
     assert summary["mmd_stage1"] > 0.5 and abs(summary["mmd_stage2"]) < 1.5e-3, summary
     vae2, _ = sample.load_model(run_dir / "stage2.pt", stage2.build_model, "cpu", "stage2")
-    _, u = stage2.aggregate_posterior_samples(vae2, mu_z, torch.full((2048, 4), 0.05), 2048, seed=1)
+    _, u = stage2.aggregate_posterior_samples(vae2, mu_z, sigma_z, 2048, seed=1)
     assert abs(u.mean(0)).max() < 0.1 and abs(u.std(0) - 1).max() < 0.1, (u.mean(0), u.std(0))
 
 
