@@ -89,7 +89,7 @@ def _factor(s):
     nothing to the trace below; S is PSD, so smaller W are rounding noise). (D, 0) if S = 0.
     Features that never vary over the set (zero rows and columns of S: the test suite's block-mean
     stand-in for the Inception on blank digit borders, say) are left out of the eigh, whose cost is
-    cubic in its size; B is the same."""
+    cubic in its size; B B^T is the same (B itself when every feature varies)."""
     varies = np.flatnonzero(np.diag(s) > 0)
     b = np.zeros((len(s), 0))
     if len(varies):

@@ -14,13 +14,12 @@ stage2.py, sample.py and fid.py runs through the real command line (a subprocess
 a test is about; everything else calls the scripts' main() in this process, which runs the same code
 without paying Python's and torch's start-up for each call (its cost: results/README.md, "Test suite
 time"). The subprocesses that need nothing from another test start with the session, at the lowest
-priority, and run on what the first tests leave idle of the CPU (start_early)."""
+priority, and run on what the first tests leave idle of the CPU (EARLY, start_early)."""
 import argparse
 import copy
 import functools
 import gzip
 import importlib.util
-import inspect
 import io
 import json
 import math
@@ -29,6 +28,7 @@ import pickle
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,34 +104,58 @@ def refused(main, argv):
     return message
 
 
-def selected(request, fixture):
-    """Whether a test the session runs (after -k and the like) takes this fixture as an argument
-    (item.fixturenames would not do: it lists every autouse fixture for every test)."""
-    return any(fixture in inspect.signature(item.function).parameters for item in request.session.items)
+EARLY = ("tiny_stage1", "full_protocol_runs", "stage2_without_stage1")  # fixtures that start a subprocess (start_early)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_jobs(request):
+    """Sets up, as the session starts, each fixture of EARLY that a test the session runs (after -k
+    and the like) uses, directly or through another fixture: its subprocess then runs beside the
+    first tests. The others are not set up at all."""
+    for name in EARLY:
+        if any(name in item.fixturenames for item in request.session.items):
+            request.getfixturevalue(name)
 
 
 def start_early(command, **popen):
-    """command at the lowest priority (nice 19), for a fixture that starts it as the session starts:
-    it then runs on what the tests meanwhile leave idle of the 2 cores (most of them keep 1.3 busy),
-    and only that. At an equal priority its threads and theirs took turns on the cores, and a 3-s
-    test took 12. In a process group of its own (finish() raises the group's priority), not a
-    session: Linux's scheduler shares the CPU equally between sessions, whatever their nice. The
-    test that needs it waits with finish()."""
-    return subprocess.Popen(["nice", "-n", "19", *map(str, command)], text=True, process_group=0, **popen)
+    """command in a process group of its own, for a fixture of EARLY. At the lowest priority (nice
+    19) where finish() will be allowed to raise it again (root, or CAP_SYS_NICE: tried at once on
+    the new process): it then runs on what the first tests leave idle of the 2 cores (most keep 1.3
+    busy), and only that; at an equal priority its threads and theirs took turns on the cores, and
+    a 3-s test took 12. A process group, not a session: with Linux's autogroup scheduling (on by
+    default) sessions share the CPU equally, whatever their nice."""
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    job = subprocess.Popen([*map(str, command)], text=True, **group, **popen)  # returns once command runs
+    try:  # set here, not with `nice`, whose own increment could land after a finish() that came at once
+        os.setpriority(os.PRIO_PGRP, job.pid, 19)  # anyone may raise a nice value
+        os.setpriority(os.PRIO_PGRP, job.pid, 18)  # lowering one, as finish() does, needs the privilege
+        os.setpriority(os.PRIO_PGRP, job.pid, 19)
+    except PermissionError:  # niced for good, it would crawl beside other work: at the normal priority instead
+        stop(job)
+        job = subprocess.Popen([*map(str, command)], text=True, **group, **popen)
+    except ProcessLookupError:  # done already
+        pass
+    return job
 
 
 def finish(*jobs, timeout=600):
-    """start_early jobs' exit codes, once they are done. While the test waits for them, they run at
-    the normal priority again where the system lets this process restore it (root, as in CI): a
-    niced job beside other work (a training run) would crawl. Elsewhere they keep nice 19, which
-    costs nothing on an idle machine."""
+    """start_early jobs' exit codes, once they are done; while the test waits for them they run at
+    the normal priority (a niced job beside other work, a training run, would crawl)."""
     for job in jobs:
-        if job.poll() is None:
-            try:
-                os.setpriority(os.PRIO_PGRP, job.pid, 0)  # every thread of every process in its group
-            except OSError:  # not permitted, or it has just ended
-                pass
+        try:
+            os.setpriority(os.PRIO_PGRP, job.pid, 0)  # every thread of every process in its group
+        except (PermissionError, ProcessLookupError):  # started at 0 (start_early); or all ended already
+            pass
     return [job.wait(timeout=timeout) for job in jobs]
+
+
+def stop(job):
+    """A start_early job, and every process of its group, killed if they still run."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    job.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,24 +524,19 @@ def state(path):
     return torch.load(path, weights_only=False)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def tiny_stage1(request, data_root, tmp_path_factory):
+@pytest.fixture(scope="session")
+def tiny_stage1(data_root, tmp_path_factory):
     """The tiny run's stage 1 (fixture `tiny`) through the real command line, started as the session
-    starts (start_early): its start-up (importing torch) and training overlap the tests before the
-    first that needs it (the course's, the loaders, the losses, the shapes: about 16 s). Its output
-    goes to files: a pipe nobody reads would stop it once full."""
-    if not selected(request, "tiny"):
-        yield None
-        return
+    starts (EARLY): its start-up (importing torch) and training overlap the tests before the first
+    that needs it (the course's, the loaders, the losses, the shapes: about 16 s). Its output goes
+    to files: a pipe nobody reads would stop it once full."""
     d = tmp_path_factory.mktemp("tiny") / "run"
     with open(d.parent / "stdout.txt", "w+") as stdout, open(d.parent / "stderr.txt", "w+") as stderr:
         args = ["--data", "mnist", "--data-root", data_root, "--out", d, "--epochs", 2, "--snapshots", 1, *TINY1]
         job = start_early([sys.executable, HERE / "stage1.py", *args], cwd=HERE, stdout=stdout, stderr=stderr,
                           env={**os.environ, **IMPORTS_TO_STDERR})
         yield SimpleNamespace(dir=d, job=job, stdout=stdout, stderr=stderr)
-        if job.poll() is None:  # the session ended before a test needed it (-x, a failure)
-            job.kill()
-            job.wait()
+        stop(job)  # if the session ended before a test needed it (-x, a failure)
 
 
 @pytest.fixture(scope="module")
@@ -525,8 +544,10 @@ def tiny(tiny_stage1, data_root):
     """One tiny two-stage run: stage 1 through the real command line for 2 epochs on 256 digits
     (kappa 8, a snapshot at epoch 1; started early: tiny_stage1), then stage 2 for 2 epochs. Shared:
     tests that change it copy it."""
-    (code,) = finish(tiny_stage1.job)
-    stdout, stderr = [f.seek(0) or f.read() for f in (tiny_stage1.stdout, tiny_stage1.stderr)]
+    code = finish(tiny_stage1.job)[0]
+    tiny_stage1.stdout.seek(0)
+    tiny_stage1.stderr.seek(0)
+    stdout, stderr = tiny_stage1.stdout.read(), tiny_stage1.stderr.read()
     assert code == 0, f"stage1.py failed:\n{stdout}\n{stderr}"
     d = tiny_stage1.dir
     stage2.main([str(a) for a in ["--data", "mnist", "--out", d, "--epochs", 2, *TINY2]])  # its command line: test_stage2_refuses_bad_latents
@@ -974,13 +995,13 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert f"cannot read checkpoint {fixed / 'stage1.pt'}" in refused(table1.main, args)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def full_protocol_runs(request, tmp_path_factory):
+@pytest.fixture(scope="session")
+def full_protocol_runs(tmp_path_factory):
     """The test below's four runs of results/full_protocol.sh, each in a tree of its own (the script
     cds to its parent), with the two scripts it calls recorded instead of run. Started as the session
-    starts (start_early): each imports torch for its probe, 2-3 s of one core, and they run side by
-    side."""
-    if not selected(request, "full_protocol_runs"):
+    starts (EARLY): each imports torch for its probe, 2-3 s of one core, and they run side by side.
+    None without the FID's weights, which the test then reports (need)."""
+    if not FID_WEIGHTS.exists():
         yield None
         return
     tmp_path = tmp_path_factory.mktemp("full_protocol")
@@ -1004,9 +1025,7 @@ def full_protocol_runs(request, tmp_path_factory):
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for n in cases}
     yield SimpleNamespace(dir=tmp_path, jobs=jobs)
     for job in jobs.values():
-        if job.poll() is None:
-            job.kill()
-            job.wait()
+        stop(job)
 
 
 def test_full_protocol_script_resumes_stage1_then_calls_the_driver(full_protocol_runs):
@@ -1117,24 +1136,19 @@ def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch, ca
     assert (tmp_path / "nb_run" / "stage2.pt").exists() and (tmp_path / "nb_fixed" / "stage1.pt").exists()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def stage2_without_stage1(request, tmp_path_factory):
+@pytest.fixture(scope="session")
+def stage2_without_stage1(tmp_path_factory):
     """stage2.py's command line on a directory without a stage-1 run (the test below), started as the
-    session starts (start_early)."""
-    if not selected(request, "stage2_without_stage1"):
-        yield None
-        return
+    session starts (EARLY)."""
     job = start_early([sys.executable, HERE / "stage2.py", "--out", tmp_path_factory.mktemp("empty"), "--epochs", 1],
-                      cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                      cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     yield job
-    if job.poll() is None:
-        job.kill()
-        job.wait()
+    stop(job)
 
 
 def test_stage2_refuses_bad_latents(stage2_without_stage1, tiny, tmp_path):
-    (code,), err = finish(stage2_without_stage1), stage2_without_stage1.stderr.read()  # the command line: one line
-    lines = err.strip().splitlines()
+    code = finish(stage2_without_stage1)[0]  # the command line: one line
+    lines = stage2_without_stage1.stderr.read().strip().splitlines()
     assert code != 0 and len(lines) == 1 and "stage1.pt is missing" in lines[0] and "python stage1.py" in lines[0]
     run_dir = copy_run(tiny, tmp_path / "run", stage2_too=False)
     good = np.load(run_dir / "sigma_z.npy")
