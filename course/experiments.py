@@ -136,7 +136,7 @@ def recon_mse(a, path, modes=("eval", "train")):
     images (Figure 1a's reconstruction error), for the checkpoint at path, with BatchNorm in 'eval'
     mode (its running averages, as when encoding and sampling) and in 'train' mode (each batch's
     own statistics, as in training): {mode: mse} for the modes asked."""
-    ckpt = stage1.load_checkpoint(path)
+    ckpt = stage1.load_checkpoint(path, keys=("config", "model"))  # not the optimiser's 100 MB
     model = model_like(**{k: ckpt["config"][k] for k in ("data", "arch", "latent_dim", "loss", "bn_momentum")
                           if k in ckpt["config"]})
     model.load_state_dict(ckpt["model"])  # every parameter and buffer: as good as a freshly built model
