@@ -114,7 +114,10 @@ def early_jobs(request):
     first tests. The others are not set up at all."""
     for name in EARLY:
         if any(name in item.fixturenames for item in request.session.items):
-            request.getfixturevalue(name)
+            try:
+                request.getfixturevalue(name)
+            except (pytest.fail.Exception, pytest.skip.Exception):  # a shared file missing (need): pytest keeps the
+                pass                                                 # outcome for the tests that use it, not all
 
 
 def start_early(command, **popen):
