@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage1 import DATA_ENV, check_device, default_device, fmt_time, load_images, reuse_freed_memory, versions  # the project's data loader and helpers
+from stage1 import DATA_ENV, HelpWithDefaults, check_device, default_device, fmt_time, load_images, reuse_freed_memory, versions  # the project's data loader and helpers
 
 # -----------------------------------------------------------------------------
 # config
@@ -514,25 +514,28 @@ def _load_array_or_stats(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="TTUR-style FID (see the module docstring for the commands).")
+    p = argparse.ArgumentParser(description="TTUR-style FID (see the module docstring for the commands).",
+                                formatter_class=HelpWithDefaults)
     p.add_argument("arrays", nargs="*", help="two .npy image arrays (or stats .npz) to compare; "
-                   "with --authors-minmax the FIRST is treated as generated")
-    p.add_argument("--data", choices=DATASETS, help="reference data set (the paper's four)")
+                   "with --authors-minmax the FIRST is treated as generated (default: none, for --data)")
+    p.add_argument("--data", choices=DATASETS, help="reference data set, one of the paper's four "
+                   "(default: none, for two arrays)")
     p.add_argument("--split", default="test", choices=("test", "train"),
-                   help="reference split (default test, as the authors)")
-    p.add_argument("--n", type=int, default=10000, help="reference images (default 10000, the authors')")
-    p.add_argument("--samples", help="generated images .npy; the FID goes to <samples>.fid.json beside it")
+                   help="reference split (default: test, as the authors)")
+    p.add_argument("--n", type=int, default=10000, help="reference images (default: 10000, the authors')")
+    p.add_argument("--samples", help="generated images .npy; the FID goes to <samples>.fid.json beside it "
+                   "(default: none, for two arrays)")
     p.add_argument("--authors-minmax", action="store_true", help="rescale each GENERATED image by its own "
-                   "min/max before *255, as the authors' fid_score.py (default off: standard x*255)")
+                   "min/max before *255, as the authors' fid_score.py (default: off, the standard x*255)")
     p.add_argument("--inception", help="weights .pth (default: $TWOSTAGE_INCEPTION, then the torch hub cache, "
                    "then pytorch-fid's download)")
-    p.add_argument("--cache", default="runs/fid_stats", help="reference stats cache dir (default runs/fid_stats)")
+    p.add_argument("--cache", default="runs/fid_stats", help="reference stats cache dir (default: runs/fid_stats)")
     p.add_argument("--data-root", default=DATA_ROOT,
-                   help="torchvision data root (default $TWOSTAGE_DATA, else ./data)")
+                   help="torchvision data root (default: $TWOSTAGE_DATA, else ./data)")
     p.add_argument("--batch-size", type=int, help="images per Inception pass (default: 50 on a GPU, as TTUR; "
                    "5 on the CPU: faster there, the same features)")
     p.add_argument("--device", default=default_device(),
-                   help="default cuda if available, else cpu")
+                   help="cuda or cpu (default: cuda if available, else cpu)")
     args = p.parse_args(argv)
     if len(args.arrays) not in (0, 2) or (args.arrays and args.samples) or (not args.arrays and not args.data):
         p.error("pass either two arrays (a.npy b.npy) or --data [--samples PATH]")

@@ -496,6 +496,16 @@ def test_speed_prints_the_three_variants_against_the_floor(capsys, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
     flops_s, bytes_s = speed.machine_rates("cpu", n=256, copy_mb=8)
     assert 1e8 < flops_s < 1e15 and 1e8 < bytes_s < 1e13
+    # the rates' arithmetic, at known times: an n x n matmul is 2 n^3 FLOPs (n^3 multiply-adds), a
+    # copy reads and writes each 4-byte float once; the best of the repeated timings counts
+    timed = []
+    def call_seconds(fn, device, reps, warmup=3):
+        timed.append(fn())
+        return [0.5 if len(timed) <= 3 else 0.25] * reps  # 3 rounds of matmuls, then 5 of copies
+    with monkeypatch.context() as m:
+        m.setattr(speed, "call_seconds", call_seconds)
+        assert speed.machine_rates("cpu", n=64, copy_mb=1) == (2 * 64 ** 3 / 0.5, 2 * 4 * 2 ** 18 / 0.25)
+    assert len(timed) == 8 and timed[0].shape == (64, 64) and timed[-1].shape == (2 ** 18,)
     monkeypatch.setattr(speed, "machine_rates", lambda device: (1e9, 1e9))  # a floor of some ms: ratios of 0.0x-1
     rows, floor = speed.main(["--stage", "2", "--width", "64", "--steps", "5", "--device", "cpu"])[2]
     assert list(rows) == ["plain", "ours", "plain+mem"]
@@ -636,12 +646,13 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path, monkeypa
     # decodes z ~ N(0, I), not stage 2's z
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_no_z_noise.npy"))
     assert not np.allclose(np.load(run_dir / "samples.npy"), np.load(run_dir / "samples_stage1.npy"))
-    # which file has the noise: sample.main seeds, loads stage 1 then stage 2 (building a model draws
-    # its initial weights), then calls generate; the same here, with z_noise as each file's name says
-    for name, z_noise in (("samples", True), ("samples_no_z_noise", False)):
+    # which file has which draw: sample.main seeds, loads stage 1 then, for 2-stage sampling, stage 2
+    # (building a model draws its initial weights), then calls generate; the same here, with the
+    # sampler each file's name says (--stage 1: no stage 2, z ~ N(0, I))
+    for name, stage, z_noise in (("samples", 2, True), ("samples_no_z_noise", 2, False), ("samples_stage1", 1, True)):
         torch.manual_seed(0)
         vae1 = sample.load_model(run_dir / "stage1.pt", stage1.build_model, "cpu", "stage1")[0]
-        vae2 = sample.load_model(run_dir / "stage2.pt", stage2.build_model, "cpu", "stage2")[0]
+        vae2 = sample.load_model(run_dir / "stage2.pt", stage2.build_model, "cpu", "stage2")[0] if stage == 2 else None
         expected = sample.generate(vae1, vae2, 30, 16, "cpu", z_noise=z_noise).numpy()
         np.testing.assert_allclose(np.load(run_dir / f"{name}.npy"), expected, rtol=0, atol=1e-6, err_msg=name)
     # a reconstruction decodes a draw z ~ q(z|x), not mu_z: other draws, other images (Theorem 4's
@@ -1071,6 +1082,17 @@ def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypat
     assert fixed["loggamma_x"] == [0.0, 0.0] and set(learned["mse"]) == set(fixed["mse"]) == {"1", "2"}
     assert all(0 < m < 1 for m in [*learned["mse"].values(), *fixed["mse"].values()])
     assert all(math.isclose(learned["log_sqrt_mse"][e], 0.5 * math.log(learned["mse"][e])) for e in ("1", "2"))
+    # the error at epoch 1, recomputed here from that epoch's snapshot: the mean over pixels of
+    # (x - x_hat(mu_z + sigma_z eps))^2 on the run's 128 training digits, BatchNorm in evaluation mode, eps from seed 0
+    ck = torch.load(out / "learned-gamma-kappa64" / "seed3" / "stage1_e0001.pt", weights_only=False)
+    vae = stage1.build_model(ck["config"])
+    vae.load_state_dict(ck["model"])
+    x = stage1.load_images("mnist", data_root)[:128].float() / 255
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mu_z, _, sigma_z = vae.eval().encoder(x)
+        mse = (x - vae.decoder(mu_z + sigma_z * torch.randn_like(mu_z))).square().mean().item()
+    assert learned["mse"]["1"] == pytest.approx(mse, rel=1e-5) and learned["mse"]["1"] != learned["mse"]["2"]
     assert set(kappa) == {"4", "64"} and kappa["64"] == learned["active_dims"]
     for k in (4, 64):  # Section 3's count, from the run's own latents: dimensions with mean sigma_z^2 < 0.5
         sigma_z = np.load(out / f"learned-gamma-kappa{k}" / "seed3" / "sigma_z.npy")
@@ -1211,17 +1233,23 @@ def test_student_copy_blanks_exactly_the_eight_exercises(tmp_path):
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
+    from course import experiments
     for main, flags in ((stage1.main, ["--epochs", "--lr-epochs", "--loss", "--arch", "--latent-dim", "--data-root"]),
                         (stage2.main, ["--epochs", "--lr-epochs", "--width", "--depth", "--fixed-z"]),
                         (sample.main, ["--stage", "--recon", "--n"]), (fid.main, ["--authors-minmax", "--inception"]),
-                        (speed.main, ["--stage", "--steps"]), (table1.main, ["--seeds", "--curve"])):
+                        (speed.main, ["--stage", "--steps"]), (table1.main, ["--seeds", "--curve"]),
+                        (experiments.main, ["--only", "--seeds"])):
         with pytest.raises(SystemExit) as e:
             main(["--help"])
         out = capsys.readouterr().out
         assert e.value.code == 0
-        for flag in flags + ["--device"]:
+        for flag in flags + (["--device"] if main is not experiments.main else []):
             assert flag in out, (main.__module__, flag)
-        assert "default" in out
+        # every flag's entry under "options:" (but --help's) ends its help with its default, a real one
+        entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", out.split("options:")[1]) if e.strip()]
+        assert len(entries) >= len(flags) + 1 and entries[0].startswith("-h, --help"), (main.__module__, entries[:2])
+        for entry in entries[1:]:
+            assert "(default: " in entry and "(default: None)" not in entry, (main.__module__, entry)
         assert not re.search(r"\(default:[^)]*\)\s+\(default:", out), (main.__module__, "a default said twice")
         if main is stage1.main:
             out = re.sub(r"\s+", " ", out)

@@ -319,7 +319,9 @@ def test_ex7_two_stage_sampling():
     vae1.decoder, vae1.latent_dim = ShowZ(), kappa
     vae2 = StubStage2(kappa)
     x = sample.generate(vae1, vae2, 5000, 700, "cpu")
-    check(tuple(x.shape) == (5000, 1, 1, kappa), 7, f"n = 5000 images expected, in batches of 700, got {tuple(x.shape)}")
+    check(tuple(x.shape) == (5000, 1, 1, kappa), 7, f"n = 5000 images expected, got {tuple(x.shape)}")
+    check([len(b) for b in vae2.seen] == [700] * 7 + [100], 7,
+          f"u -> z -> x in batches of at most 700 (the last one smaller), got batches of {[len(b) for b in vae2.seen]}")
     z = x.flatten(1)
     u = torch.cat(vae2.seen)
     check(u.shape == (5000, kappa) and close(u.mean(), 0.0, atol=0.05) and close(u.std(), 1.0, rtol=0.03), 7,

@@ -366,16 +366,17 @@ def parse_args(argv=None):
     p.add_argument("--n-fid", type=int, default=10000, help="samples per FID, against 10,000 test images (the paper's)")
     p.add_argument("--no-minmax", action="store_true", help="skip the FIDs in the authors' per-image min-max convention "
                    "(the paper's numbers used it; the standard x*255 FID is always computed)")
-    p.add_argument("--curve", help="a long learned-gamma run directory whose snapshots stage1_eNNNN.pt give the budget curve")
+    p.add_argument("--curve", help="a long learned-gamma run directory whose snapshots stage1_eNNNN.pt give the budget curve "
+                   "(default: none, no curve)")
     p.add_argument("--curve-epochs", type=epochs, default=[], help="snapshot epochs for the curve, e.g. 5,10,20,40")
     p.add_argument("--curve-n-fid", type=int, default=5000, help="samples per FID on the curve")
     p.add_argument("--stage2-curve", type=epochs, default=[], help="stage-2 epochs at which the learned-gamma trials' 2-stage FID "
                    "is measured too, from stage 2's snapshots, e.g. 100,200,400,800; stage 2 runs in parts ending there, "
                    "each point scored when reached")
-    p.add_argument("--out", default=None, help="trial directories go here (default runs/table1-<data>)")
-    p.add_argument("--json", default=None, help="summary JSON (default <out>/summary.json)")
+    p.add_argument("--out", default=None, help="trial directories go here (default: runs/table1-<data>)")
+    p.add_argument("--json", default=None, help="summary JSON (default: <out>/summary.json)")
     p.add_argument("--json-key", default=None, help="write the summary under this key of --json, keeping the file's "
-                   "other keys (e.g. full_protocol)")
+                   "other keys, e.g. full_protocol (default: none, the whole file)")
     p.add_argument("--plot", default=None, help="budget-curve PNG (default: beside --json)")
     p.add_argument("--stage2-plot", default=None, help="stage-2 curve PNG (default: beside --json)")
     p.add_argument("--data-root", default=os.environ.get("TWOSTAGE_DATA", "./data"), help="torchvision root")
