@@ -1470,6 +1470,9 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
             fid.main([*arrays, *flags, "--batch-size", "8"])
             printed.append(float(re.search(r"^FID (\S+) ", capsys.readouterr().out, re.M).group(1)))
     assert printed[0] == pytest.approx(printed[1], abs=0.02) and printed[0] != pytest.approx(printed[2], rel=0.01)
+    # and the standard number is the Frechet distance of the two arrays' feature statistics, printed to 2 decimals
+    stats = [fid.statistics(fid.features(np.load(tmp_path / name), block_means, progress=False)) for name in ("a_half.npy", "b_half.npy")]
+    assert printed[2] == pytest.approx(fid.frechet_distance(*stats[0], *stats[1]), abs=0.0051)
     np.save(tmp_path / "nan.npy", np.full((8, 28, 28), np.nan, np.float32))
     with pytest.raises(SystemExit) as e:
         fid.main(["a.npy", "nan.npy", "--inception", str(FID_WEIGHTS)])
