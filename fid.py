@@ -1,4 +1,4 @@
-"""FID as the paper reports it (TTUR's TensorFlow FID), in PyTorch, with no scipy or torchvision model.
+"""FID as the paper reports it (TTUR's TensorFlow FID: the paper's footnote 7), in PyTorch, with no scipy or torchvision model.
 
     python fid.py --data mnist --split test --n 10000              # compute + cache reference stats
     python fid.py --data mnist --samples runs/mnist/samples.npy    # FID of samples -> samples.fid.json
