@@ -104,7 +104,7 @@ def refused(main, argv):
     return message
 
 
-EARLY = ("tiny_stage1", "full_protocol_runs", "stage2_without_stage1")  # fixtures that start a subprocess (start_early)
+EARLY = ("tiny_stage1", "full_protocol_runs", "stage2_without_stage1", "fid_cli_samples")  # fixtures that start a subprocess (start_early)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -1491,24 +1491,42 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and len(err) == 1 and "bad.pth is not a readable torch state_dict" in err[0], err
 
 
-def test_fid_cli_samples_writes_json_and_reuses_cache(inception, tmp_path, monkeypatch, capsys):
-    """--samples writes the FID beside the samples and caches the reference statistics; a second
-    run, through the real command line, reuses them (in a fresh process: no data set read, no
-    reference features)."""
-    need(FID_WEIGHTS)
+@pytest.fixture(scope="session")
+def fid_cli_samples(tmp_path_factory):
+    """The test below's first `fid.py --samples` run, through the real command line, started as the
+    session starts (EARLY): a fresh process that scores 4 digits at half contrast against 8 test
+    digits and caches the reference statistics. None without the shared files (the test says so)."""
+    if not (FID_WEIGHTS.exists() and (DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()):
+        yield None
+        return
+    d = tmp_path_factory.mktemp("fid_cli")
     # float in [0, 1], at half contrast, so that the authors' per-image min-max rescaling changes them
-    samples = (mnist_digits(12)[8:] / 255 * 0.5).astype(np.float32)
-    np.save(tmp_path / "samples.npy", samples)
-    common = ["--data", "mnist", "--n", 8, "--data-root", need(DATA_ROOT), "--cache", "stats",
-              "--inception", FID_WEIGHTS, "--batch-size", 8]
-    monkeypatch.chdir(tmp_path)
-    fid.main([str(a) for a in ["--samples", "samples.npy", *common]])  # in this process (the weights loaded once per process)
-    assert "(standard: x*255, TF legacy resize; n=4 vs mnist test n=8)" in capsys.readouterr().out
-    res = json.loads((tmp_path / "samples.fid.json").read_text())
+    samples = (fid.load_reference_images("mnist", "test", str(DATA_ROOT))[8:12, :, :, 0] / 255 * 0.5).astype(np.float32)
+    np.save(d / "samples.npy", samples)
+    common = ["--data", "mnist", "--n", 8, "--data-root", DATA_ROOT, "--cache", "stats", "--inception", FID_WEIGHTS,
+              "--batch-size", 8]
+    job = start_early([sys.executable, HERE / "fid.py", "--samples", "samples.npy", *common], cwd=d,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    yield SimpleNamespace(dir=d, job=job, samples=samples, common=[str(a) for a in common])
+    stop(job)
+
+
+def test_fid_cli_samples_writes_json_and_reuses_cache(fid_cli_samples, inception, monkeypatch, capsys):
+    """--samples writes the FID beside the samples and caches the reference statistics (the command
+    line, in a fresh process: fid_cli_samples); a second run, in this process, reuses them: no data
+    set read, no reference features."""
+    need(FID_WEIGHTS)  # and MNIST's test digits: without them fid_cli_samples started nothing
+    need(DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    d, samples = fid_cli_samples.dir, fid_cli_samples.samples
+    code = finish(fid_cli_samples.job)[0]
+    out, err = fid_cli_samples.job.stdout.read(), fid_cli_samples.job.stderr.read()
+    assert code == 0, err
+    assert "(standard: x*255, TF legacy resize; n=4 vs mnist test n=8)" in out
+    res = json.loads((d / "samples.fid.json").read_text())
     assert np.isfinite(res["fid"]) and res["n"] == 4 and res["convention"].startswith("standard")
     assert res["reference"] == {"data": "mnist", "split": "test", "n": 8, "seed": fid.REF_SEED}
     assert {"torch", "numpy", "python"} <= set(res["versions"]) and res["date"]
-    (stats,) = (tmp_path / "stats").iterdir()
+    (stats,) = (d / "stats").iterdir()
     mtime = stats.stat().st_mtime_ns
     # the number: the Frechet distance of the samples' pool_3 statistics (x * 255) to the cached reference
     with np.load(stats) as ref:
@@ -1517,10 +1535,12 @@ def test_fid_cli_samples_writes_json_and_reuses_cache(inception, tmp_path, monke
         mu_g, s_g = fid.statistics(fid.features(samples, inception, 8, authors_minmax=minmax, progress=False))
         return fid.frechet_distance(mu_g, s_g, mu_r, s_r)
     assert res["fid"] == pytest.approx(expected(False), rel=1e-5)
-    r = run("fid.py", "--samples", "samples.npy", "--authors-minmax", *common, cwd=tmp_path, check=False)
-    assert r.returncode == 0, r.stderr
-    assert "(authors-minmax:" in r.stdout and stats.stat().st_mtime_ns == mtime     # cache reused
-    minmax = json.loads((tmp_path / "samples.fid-authors-minmax.json").read_text())
+    monkeypatch.chdir(d)
+    with monkeypatch.context() as m:  # the reference comes from the cache: reading the data set would fail
+        m.setattr(fid, "load_reference_images", lambda *a, **k: pytest.fail("the reference images were read again"))
+        fid.main(["--samples", "samples.npy", "--authors-minmax", *fid_cli_samples.common])
+    assert "(authors-minmax:" in capsys.readouterr().out and stats.stat().st_mtime_ns == mtime  # cache reused
+    minmax = json.loads((d / "samples.fid-authors-minmax.json").read_text())
     assert minmax["convention"].startswith("authors") and minmax["fid"] == pytest.approx(expected(True), rel=1e-5)
     assert minmax["fid"] != pytest.approx(res["fid"], rel=1e-3)  # the rescaling reached the features
 
