@@ -91,12 +91,12 @@ def _factor(s):
     stand-in for the Inception on blank digit borders, say) are left out of the eigh, whose cost is
     cubic in its size; B B^T is the same (B itself when every feature varies)."""
     varies = np.flatnonzero(np.diag(s) > 0)
-    b = np.zeros((len(s), 0))
-    if len(varies):
-        w, v = np.linalg.eigh(s[np.ix_(varies, varies)])
-        keep = w > max(w.max(), 0) * len(s) * np.finfo(np.float64).eps  # numpy's matrix_rank tolerance, for all of S
-        b = np.zeros((len(s), keep.sum()))
-        b[varies] = v[:, keep] * np.sqrt(w[keep])
+    if not len(varies):
+        return np.zeros((len(s), 0))
+    w, v = np.linalg.eigh(s[np.ix_(varies, varies)])
+    keep = w > max(w.max(), 0) * len(s) * np.finfo(np.float64).eps  # numpy's matrix_rank tolerance, for all of S
+    b = np.zeros((len(s), keep.sum()))
+    b[varies] = v[:, keep] * np.sqrt(w[keep])
     return b
 
 

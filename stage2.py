@@ -35,9 +35,10 @@ from stage1 import (CIFAR10_EPOCHS, HelpWithDefaults, common_flags, die, fit, ga
 
 class MLP(nn.Module):
     """Section 5's "small, 3-layer networks" of stage 2: depth x [dense width, ReLU], then the input
-    concatenated back in before the output layer, as in the authors' build_encoder2 / build_decoder2 (network/two_stage_vae_model.py); the output
-    layer gives `outputs` vectors of the input's size dim (outputs = 2 for the encoder: mu_u and
-    log sigma_u; outputs = 1 for the decoder: z_hat). Dense layers start as TF's default
+    concatenated back in before the output layer, as in the authors' build_encoder2 /
+    build_decoder2 (network/two_stage_vae_model.py); the output layer gives `outputs` vectors of the
+    input's size dim (outputs = 2 for the encoder: mu_u and log sigma_u; outputs = 1 for the
+    decoder: z_hat). Dense layers start as TF's default
     (Glorot-uniform weights, zero biases), not PyTorch's; the encoder's mu_u and log sigma_u layers
     are one 2-kappa layer here, whose Glorot bound is 3 % smaller than two kappa layers'."""
 

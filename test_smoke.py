@@ -1293,9 +1293,15 @@ def inception():  # loaded once per module: 87 MB
     return fid.load_inception(need(FID_WEIGHTS))
 
 
-def mnist_digits(n):
-    need(DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
-    return fid.load_reference_images("mnist", "test", str(DATA_ROOT))[:n, :, :, 0]  # (n, 28, 28) uint8
+MNIST_TEST = DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+
+
+def mnist_digits(n, check=True):
+    """The first n MNIST test digits, (n, 28, 28) uint8. check=False in a session fixture, which
+    tests the file itself: need()'s skip there would skip every test."""
+    if check:
+        need(MNIST_TEST)
+    return fid.load_reference_images("mnist", "test", str(DATA_ROOT))[:n, :, :, 0]
 
 
 def test_fid_features_match_reference_network(inception, fid_fixture):
@@ -1496,12 +1502,12 @@ def fid_cli_samples(tmp_path_factory):
     """The test below's first `fid.py --samples` run, through the real command line, started as the
     session starts (EARLY): a fresh process that scores 4 digits at half contrast against 8 test
     digits and caches the reference statistics. None without the shared files (the test says so)."""
-    if not (FID_WEIGHTS.exists() and (DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()):
+    if not (FID_WEIGHTS.exists() and MNIST_TEST.exists()):
         yield None
         return
     d = tmp_path_factory.mktemp("fid_cli")
     # float in [0, 1], at half contrast, so that the authors' per-image min-max rescaling changes them
-    samples = (fid.load_reference_images("mnist", "test", str(DATA_ROOT))[8:12, :, :, 0] / 255 * 0.5).astype(np.float32)
+    samples = (mnist_digits(12, check=False)[8:] / 255 * 0.5).astype(np.float32)
     np.save(d / "samples.npy", samples)
     common = ["--data", "mnist", "--n", 8, "--data-root", DATA_ROOT, "--cache", "stats", "--inception", FID_WEIGHTS,
               "--batch-size", 8]
@@ -1516,7 +1522,7 @@ def test_fid_cli_samples_writes_json_and_reuses_cache(fid_cli_samples, inception
     line, in a fresh process: fid_cli_samples); a second run, in this process, reuses them: no data
     set read, no reference features."""
     need(FID_WEIGHTS)  # and MNIST's test digits: without them fid_cli_samples started nothing
-    need(DATA_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    need(MNIST_TEST)
     d, samples = fid_cli_samples.dir, fid_cli_samples.samples
     code = finish(fid_cli_samples.job)[0]
     out, err = fid_cli_samples.job.stdout.read(), fid_cli_samples.job.stderr.read()
