@@ -320,6 +320,8 @@ def test_ex7_two_stage_sampling():
     vae2 = StubStage2(kappa)
     x = sample.generate(vae1, vae2, 5000, 700, "cpu")
     check(tuple(x.shape) == (5000, 1, 1, kappa), 7, f"n = 5000 images expected, got {tuple(x.shape)}")
+    check(len(vae2.seen) > 0, 7, "stage 2's decoder was never called: z_hat = vae2.decoder(u) for u ~ N(0, I), "
+          "then z ~ N(z_hat, gamma_z^2 I)")
     check([len(b) for b in vae2.seen] == [700] * 7 + [100], 7,
           f"u -> z -> x in batches of at most 700 (the last one smaller), got batches of {[len(b) for b in vae2.seen]}")
     z = x.flatten(1)
