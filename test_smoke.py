@@ -1220,14 +1220,14 @@ def test_stage2_refuses_bad_latents(stage2_without_stage1, tiny, tmp_path):
     assert "latents come from" in message and "--resume" in message
 
 
-def test_student_copy_blanks_exactly_the_eight_exercises(tmp_path):
+def test_student_copy_blanks_exactly_the_nine_exercises(tmp_path):
     """course/make_student_copy.py: each marked function keeps its signature and docstring and its
     body becomes one raise NotImplementedError("Exercise N: ..."); every other line of every file
     is the repository's."""
     import ast
     student = tmp_path / "student"
     found = load_script(HERE / "course" / "make_student_copy.py").main([str(student)])
-    assert sorted(n for n, _, _ in found) == list(range(1, 9))
+    assert sorted(n for n, _, _ in found) == list(range(1, 10))
     tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
     assert tracked or not IN_CI, "CI runs in a git checkout: git ls-files must list the repository's files"
     if tracked:  # a git checkout: the copy holds exactly the tracked files

@@ -3,7 +3,7 @@ its signature and docstring, and its body becomes `raise NotImplementedError("Ex
 Nothing else differs.
 
     python course/make_student_copy.py ../twostage-student   # then, in the copy:
-    pytest -q course/test_exercises.py                         # 8 failures, one per exercise
+    pytest -q course/test_exercises.py                         # 9 failures, one per exercise
 
 The copy takes the files git tracks (so no runs/, data/ or .venv/); outside a git checkout, every
 file except those folders. The exercises and what grades them: course/README.md.

@@ -1,8 +1,8 @@
-"""Grading tests for the course's eight exercises (course/README.md). Each test grades one function
+"""Grading tests for the course's nine exercises (course/README.md). Each test grades one function
 on its own, with seeded inputs, closed forms and properties; none compares with a copy of the
 solution. A failure names the exercise and, where it can tell, the usual mistake behind it.
 
-    pytest -q course/test_exercises.py           # all eight, a few seconds on a 2-core CPU
+    pytest -q course/test_exercises.py           # all nine, a few seconds on a 2-core CPU
     pytest -q course/test_exercises.py -k ex3    # one exercise
 
 On the student copy (python course/make_student_copy.py DIR) every test fails with its exercise's
@@ -388,3 +388,50 @@ def test_ex8_frechet_distance():
                                   "square root of the product" if np.isclose(got, roots, rtol=1e-6) else ""))
         check(np.isclose(fid.frechet_distance(np.zeros(2), s2, np.zeros(2), s1), got, rtol=1e-6), 8, "the distance must be symmetric")
     check(isinstance(got, float), 8, "return a Python float")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 9: stage2.mmd_to_standard_normal, Table 3's MMD (Gretton et al. 2012)
+
+def test_ex9_mmd_to_standard_normal():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64) * 0.5 + 0.3
+    keep = x.clone()
+    got = stage2.mmd_to_standard_normal(x, seed=5)
+    check(isinstance(got, float), 9, f"return a Python float (float(...)), got {type(got).__name__}")
+    check(torch.equal(x, keep), 9, "the samples were changed in place")
+    check(got == stage2.mmd_to_standard_normal(x, seed=5), 9, "two calls with one seed gave different values: draw the "
+          "y's from torch.Generator().manual_seed(seed), not from the global random state")
+    # the reference: eq. 3 of Gretton et al. written out pair by pair, on the y's the docstring names
+    y = torch.randn(30, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def mean_k(a, b, c=6.0, pairs="i != j", square=True):  # the mean of c / (c + |a_i - b_j|^2) over the pairs
+        terms = [c / (c + float(((a[i] - b[j]) ** 2).sum()) ** (1 if square else 0.5))
+                 for i in range(len(a)) for j in range(len(b)) if pairs == "all" or i != j]
+        return sum(terms) / len(terms)
+
+    expected = mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y, pairs="all")
+    slips = {  # what the usual mistakes give on these numbers
+        "the diagonal terms k(x_i, x_i) = 1 kept in the within-sample means (the biased estimator): leave out i = j":
+            mean_k(x, x, pairs="all") + mean_k(y, y, pairs="all") - 2 * mean_k(x, y, pairs="all"),
+        "C = kappa where the kernel has C = 2 kappa":
+            mean_k(x, x, 3.0) + mean_k(y, y, 3.0) - 2 * mean_k(x, y, 3.0, pairs="all"),
+        "|a - b| where the kernel has the squared distance |a - b|^2":
+            mean_k(x, x, square=False) + mean_k(y, y, square=False) - 2 * mean_k(x, y, pairs="all", square=False),
+        "the cross term's sum divided by n (n - 1): it is a mean over all n^2 pairs, divide by n^2":
+            mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y, pairs="all") * 30 / 29,
+        "the cross term over the pairs i != j only: it is a mean over all n^2 pairs":
+            mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y),
+    }
+    why = next((w for w, v in slips.items() if math.isclose(got, v, rel_tol=1e-8)),
+               "close, but off by more than float64 rounding: compute in float64" if math.isclose(got, expected, rel_tol=1e-4)
+               else "compare with the docstring's formula")
+    check(math.isclose(got, expected, rel_tol=1e-10), 9, f"expected {expected:.10f}, got {got:.10f}: {why}")
+    check(math.isclose(stage2.mmd_to_standard_normal(x, seed=5, block=7), got, rel_tol=1e-12), 9,
+          "block=7 changed the value: the blocks of rows must cover every row once")
+    check(math.isclose(stage2.mmd_to_standard_normal(x.float(), seed=5), stage2.mmd_to_standard_normal(x.float().double(), seed=5),
+                       rel_tol=1e-12), 9, "float32 samples gave another value than the same numbers in float64: compute in float64")
+    # unbiased: samples that ARE N(0, I) score about 0, below 0 about half the time (a biased estimate never is)
+    same = [stage2.mmd_to_standard_normal(torch.randn(200, 4, generator=g), seed=s) for s in range(10)]
+    check(min(same) < 0 < max(same) and abs(np.mean(same)) < 2e-3, 9,
+          f"N(0, I) samples must score about 0, some below 0 (unbiased), got {[round(v, 5) for v in same]}")
