@@ -135,14 +135,16 @@ def aggregate_posterior_samples(model, mu_z, sigma_z, n, seed=0):
 
 # Exercise 9: Table 3's MMD of a sample to N(0, I) (Section 6; Gretton et al. 2012)
 def mmd_to_standard_normal(samples, seed=0, block=2000):
-    """Unbiased MMD^2 between the rows x_i of `samples` (n, kappa) and n draws y_j ~ N(0, I), a float:
-    the mean of k(x_i, x_j) over the n (n - 1) pairs i != j, plus the same for the y's, minus twice
-    the mean of k(x_i, y_j) over all n^2 pairs (Gretton et al. 2012, JMLR, eq. 3). The kernel is the
-    inverse multiquadric (IMQ) k(a, b) = C / (C + |a - b|^2), C = 2 kappa, the one the WAE paper
-    (Tolstikhin et al. 2018) uses against a N(0, I) prior. The y's are torch.randn(n, kappa,
-    generator=torch.Generator().manual_seed(seed), dtype=torch.float64), so one seed gives the same
-    y's every call: main scores q(z) and q(u) against the same draws (seed 0), a paired comparison.
-    In float64, and in blocks of `block` rows, so that n = 10,000 needs no 800 MB matrix."""
+    """Unbiased MMD^2 between the rows x_i of `samples` (an (n, kappa) tensor or array) and n draws y_j ~
+    N(0, I), returned as a Python float: the mean of k(x_i, x_j) over the n (n - 1) pairs i != j, plus
+    the same for the y's, minus twice the mean of k(x_i, y_j) over all n^2 pairs (Gretton et al. 2012,
+    JMLR, eq. 3). The kernel is the inverse multiquadric (IMQ) k(a, b) = C / (C + |a - b|^2), C = 2
+    kappa, the one the WAE paper (Tolstikhin et al. 2018) uses against a N(0, I) prior. The y's are
+    torch.randn(n, kappa, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), so one
+    seed gives the same y's every call: main scores q(z) and q(u) against the same draws (seed 0), a
+    paired comparison. The samples are cast to float64 (they may come as float32) and everything is
+    computed in float64, in blocks of `block` rows, so that n = 10,000 needs no 800 MB matrix. Neither
+    `samples` nor the global random state is changed."""
     x = torch.as_tensor(samples, dtype=torch.float64).cpu()
     n, kappa = x.shape
     y = torch.randn(n, kappa, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -396,10 +396,12 @@ def test_ex8_frechet_distance():
 def test_ex9_mmd_to_standard_normal():
     g = torch.Generator().manual_seed(9)
     x = torch.randn(30, 3, generator=g, dtype=torch.float64) * 0.5 + 0.3
-    keep = x.clone()
+    keep, state = x.clone(), torch.get_rng_state()
     got = stage2.mmd_to_standard_normal(x, seed=5)
     check(isinstance(got, float), 9, f"return a Python float (float(...)), got {type(got).__name__}")
     check(torch.equal(x, keep), 9, "the samples were changed in place")
+    check(torch.equal(torch.get_rng_state(), state), 9, "the global random state changed (torch.manual_seed or a "
+          "global draw?): draw the y's from their own torch.Generator().manual_seed(seed)")
     check(got == stage2.mmd_to_standard_normal(x, seed=5), 9, "two calls with one seed gave different values: draw the "
           "y's from torch.Generator().manual_seed(seed), not from the global random state")
     # the reference: eq. 3 of Gretton et al. written out pair by pair, on the y's the docstring names
@@ -425,7 +427,8 @@ def test_ex9_mmd_to_standard_normal():
     }
     why = next((w for w, v in slips.items() if math.isclose(got, v, rel_tol=1e-8)),
                "close, but off by more than float64 rounding: compute in float64" if math.isclose(got, expected, rel_tol=1e-4)
-               else "compare with the docstring's formula")
+               else "compare with the docstring's formula, and check the y's: exactly torch.randn(n, kappa, "
+               "generator=torch.Generator().manual_seed(seed), dtype=torch.float64)")
     check(math.isclose(got, expected, rel_tol=1e-10), 9, f"expected {expected:.10f}, got {got:.10f}: {why}")
     check(math.isclose(stage2.mmd_to_standard_normal(x, seed=5, block=7), got, rel_tol=1e-12), 9,
           "block=7 changed the value: the blocks of rows must cover every row once")
