@@ -2,8 +2,9 @@
 latents. Stage 1's aggregate posterior q(z) need not be N(0, I) (eq. (10): with r < d the VAE need
 not learn the ground-truth measure on the manifold), but it lives on all of R^kappa, r = d = kappa,
 the regime of Theorem 1 where a VAE CAN match the distribution (Section 4, after step 3). So a
-second VAE, an MLP with latent u, learns q(z), and sampling goes u -> z -> x (sample.py, step 3).
-The stages are trained one after the other: Section 4 reports that joint training does not help.
+second VAE, an MLP with latent u, learns q(z), and sampling goes u -> z -> x (Section 4, step 3:
+sample.py). The stages are trained one after the other: Section 4 reports that joint training does
+not help.
 
     python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README.md, "Quick start")
     python stage2.py --data mnist              # the authors' protocol (their demo.py; the paper gives no
@@ -73,8 +74,8 @@ class Stage2VAE(nn.Module):
         # density on all of R^kappa, d = r = kappa, and the (d - r) log gamma term that drives stage 1's
         # gamma down without bound is zero (Section 4): the loss is bounded below (by q(z)'s differential
         # entropy: Section 2.1, after eq. (3)), the pull toward 0 is weak, and how far gamma_z falls in
-        # a finite run is what we measure (docs/protocol.md, "Stage 2"). Weak, not zero: the used
-        # dimensions of q(z)'s n Gaussians have sigma_z^2 of about 1e-4 to 1e-2 (MNIST, 400 epochs:
+        # a finite run is what we measure (docs/protocol.md, "Stage 2"). Weak, not zero: in the used
+        # dimensions q(z)'s n Gaussians have sigma_z^2 of 10^-4.6 to 10^-1.3 (MNIST, 400 epochs:
         # theory.ipynb, section 2), nearly a lower-dimensional set. With --fixed-z, n fixed points have
         # r = 0, and the unbounded pull is back.
         self.loggamma_z = nn.Parameter(torch.zeros(()))
@@ -90,7 +91,7 @@ def build_model(config):
     return Stage2VAE(config["latent_dim"], config["width"], config["depth"])
 
 
-# Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (Section 4, steps 1-2; the authors' demo.py)
+# Exercise 6: a fresh z ~ q(z|x) for every stage-2 batch (the authors' demo.py, not one z per image)
 def fresh_z(mu_z, sigma_z):
     """One new draw z = mu_z + sigma_z * eps for each row of a batch of stage 1's latents (B, kappa),
     sigma_z a standard deviation. The same draw as stage1.reparameterize; what matters here is
@@ -122,8 +123,9 @@ def stage2_loss(model, z):
 @torch.inference_mode()
 def aggregate_posterior_samples(model, mu_z, sigma_z, n, seed=0):
     """Sample matrices Z (n, kappa) from q(z) and U (n, kappa) from q(u), as for the paper's Figure 2:
-    z = mu_z + sigma_z eps for n training images drawn at random (main: --mmd-n, default 10,000; the
-    paper does not give its n), u ~ q(u|z) for each of those z."""
+    z = mu_z + sigma_z eps for n training images drawn at random, u ~ q(u|z) for each of those z. main:
+    --mmd-n, default 10,000, our choice for time (Section 6's Z = {z(i)}, i = 1..n, reads as all n
+    training images: for MNIST 36 times the pairs of 10,000)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(mu_z), generator=g)[:n]
     z = mu_z[idx] + sigma_z[idx] * torch.randn(len(idx), mu_z.shape[1], generator=g)
@@ -138,13 +140,14 @@ def mmd_to_standard_normal(samples, seed=0, block=2000):
     """Unbiased MMD^2 between the rows x_i of `samples` (an (n, kappa) tensor or array) and n draws y_j ~
     N(0, I), returned as a Python float: the mean of k(x_i, x_j) over the n (n - 1) pairs i != j, plus
     the same for the y's, minus twice the mean of k(x_i, y_j) over all n^2 pairs (Gretton et al. 2012,
-    JMLR, eq. 3). The kernel is the inverse multiquadric (IMQ) k(a, b) = C / (C + |a - b|^2), C = 2
-    kappa, the one the WAE paper (Tolstikhin et al. 2018) uses against a N(0, I) prior. The y's are
-    torch.randn(n, kappa, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), so one
-    seed gives the same y's every call: main scores q(z) and q(u) against the same draws (seed 0), a
-    paired comparison. The samples are cast to float64 (they may come as float32) and everything is
-    computed in float64, in blocks of `block` rows, so that n = 10,000 needs no 800 MB matrix. Neither
-    `samples` nor the global random state is changed."""
+    JMLR, eq. 3; the paper cites their NIPS 2007 paper for the MMD). The kernel is the inverse
+    multiquadric (IMQ) k(a, b) = C / (C + |a - b|^2), C = 2 kappa, the one the WAE paper (Tolstikhin et
+    al. 2018) uses against a N(0, I) prior. The y's are torch.randn(n, kappa,
+    generator=torch.Generator().manual_seed(seed), dtype=torch.float64), so one seed gives the same y's
+    every call: main scores q(z) and q(u) against the same draws (seed 0), a paired comparison. The
+    samples are cast to float64 (they may come as float32) and everything is computed in float64, in
+    blocks of `block` rows, so that n = 10,000 needs no 800 MB matrix. Neither `samples` nor the global
+    random state is changed."""
     x = torch.as_tensor(samples, dtype=torch.float64).cpu()
     n, kappa = x.shape
     y = torch.randn(n, kappa, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
