@@ -65,7 +65,7 @@ def main(argv=None):
     p.add_argument("--no-z-noise", action="store_true", help="2-stage with z = z_hat(u), no gamma_z noise: a diagnostic "
                    "for an undertrained stage 2, whose large gamma_z noise also moves z along the used dimensions, where "
                    "q(z|x) is very narrow (the authors add the noise); writes samples_no_z_noise.npy")
-    p.add_argument("--n", type=int, default=10000, help="number of images (the authors' FID: 10,000 against the 10,000 test images)")
+    p.add_argument("--n", type=int, default=10000, help="number of images (the authors' FID: 10,000 against 10,000 test images)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default=stage1.default_device(), help="cuda or cpu (default: cuda when present)")
