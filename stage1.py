@@ -23,9 +23,9 @@ checkpoint they come from, loggamma_x, used dimensions) and stage1_recon.png (da
 reconstructions below).
 
 Reading order: data, model, loss (eq. (2), eq. (8), eq. (9)), the training loop, encoding for stage 2, main.
-Everything the paper does not describe is at the end, below a line of '=': die() (the one-line
-error every check uses), checkpoints, RNG, atomic writes, flags, the data readers. The defaults,
-STAGE1_DEFAULTS, follow main.
+The defaults, STAGE1_DEFAULTS, and the flags (parse_args) follow main. Everything else the paper
+does not describe is at the end, below a line of '=': die() (the one-line error every check uses),
+checkpoints, RNG, atomic writes, progress lines, the flags shared with stage2.py, the data readers.
 The authors' TensorFlow code, cited below by file name (demo.py, network/util.py, ...), is the public
 repository github.com/daib13/TwoStageVAE; the protocol's details, with their sources: docs/protocol.md.
 
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Data: the whole split as one uint8 tensor (N, C, H, W); pixels become x = uint8 / 255 in [0, 1]
-# only inside the training step (docs/protocol.md, "Data").
+# only where the model reads them, a batch at a time (docs/protocol.md, "Data").
 
 SHAPES = {"mnist": (1, 28), "fashion": (1, 28), "cifar10": (3, 32), "celeba": (3, 64)}  # (channels, side)
 FOLDERS = {"mnist": "MNIST/raw", "fashion": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py",
@@ -89,7 +89,8 @@ def load_images(data, root, train=True):
 
 # ----------------------------------------------------------------------------------------------
 # Model (docs/protocol.md, "Stage 1"): the 'InfoGAN' neutral architecture of Table 1, and the
-# 'WAE' architecture of Table 2. Initialisation as the authors' network/util.py.
+# 'WAE' architecture of Table 2. Initialisation as the authors' network/util.py ('InfoGAN'; the
+# 'WAE' networks use TF's layer defaults: glorot, below).
 
 def init(layer):
     if isinstance(layer, nn.Conv2d):  # util.conv2d: TF's truncated normal, std 0.02, cut at 2 std
@@ -125,7 +126,8 @@ class SpectralNorm(nn.Module):
     iterations; the gradient flows through sigma, as in torch and the authors' TF. The same numbers
     as torch's parametrizations.spectral_norm with the same u, v (test_smoke.py checks the two
     trajectories agree), but we divide the layer's OUTPUT by sigma instead of the weight, which
-    spares the backward pass several passes over the 6.4M-entry dense weight (results/README.md, "Speed")."""
+    spares the backward pass several passes over the dense weight (6.4M entries for MNIST;
+    results/README.md, "Speed")."""
 
     def __init__(self, layer, warmup=16):
         super().__init__()
@@ -152,7 +154,8 @@ class SpectralNorm(nn.Module):
             return y / sigma + b[:, None, None]
         # v rides along as one more input row, so one matmul gives both x W^T and W v (sigma = u.W v),
         # and its backward, g^T [x; v^T], folds sigma's rank-one gradient into the same pass over the
-        # 6.4M-entry weight instead of an outer product plus a sum of two weight-sized gradients
+        # weight (6.4M entries for MNIST) instead of an outer product plus a sum of two weight-sized
+        # gradients
         y = F.linear(torch.cat([x, self.v[None]]), w)  # (B + 1, out)
         sigma = self.u @ y[-1]
         return y[:-1] / sigma + b
@@ -275,9 +278,11 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 def gaussian_nll(x, x_hat, loggamma):
     """-log N(x | x_hat, gamma_x^2 I) for each example of a batch, gamma_x = exp(loggamma) a STANDARD
     DEVIATION: |x - x_hat|^2 / (2 gamma_x^2) + d (loggamma + log(2 pi) / 2), d the pixels per example.
-    With the paper's gamma = gamma_x^2 (a variance) this is half of eq. (8)'s integrand,
-    |x - x_hat|^2 / (2 gamma) + d/2 log(2 pi gamma). Unbounded below as gamma -> 0, so a negative
-    loss is expected (Theorem 3). Shapes: x, x_hat (B, ...), loggamma a scalar tensor -> (B,)."""
+    With the paper's gamma = gamma_x^2 (a variance) this is half of eq. (8)'s -2 log p(x|z), for one
+    z: |x - x_hat|^2 / (2 gamma) + d/2 log(2 pi gamma). Not bounded below: as gamma -> 0 with the
+    error shrinking along with it, it falls without limit (Theorems 2 and 3; with the error held
+    fixed it would rise instead, footnote 4), so a negative loss is expected. Shapes: x, x_hat (B,
+    ...), loggamma a scalar tensor -> (B,)."""
     d = x[0].numel()
     sq = (x - x_hat).square().flatten(1).sum(1)
     return sq * torch.exp(-2 * loggamma) / 2 + d * (loggamma + HALF_LOG_2PI)
@@ -381,7 +386,9 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
 def encode(model, images, batch=1000):
     """(mu_z, sigma_z) of uint8 images (N, C, H, W): two float32 numpy arrays (N, kappa), the
     encoder's q(z|x) with BatchNorm's running statistics, so an image's code does not depend on
-    the other images of its batch. sigma_z a standard deviation."""
+    the other images of its batch (the authors' extract_posterior; Section 4 says nothing of
+    BatchNorm). sigma_z a standard deviation. Section 4's step 1 draws z(i) ~ q(z|x(i)); we keep
+    q(z|x) itself, so that stage 2 can draw a fresh z for every batch (stage2.fresh_z)."""
     model.eval()
     device = next(model.parameters()).device
     mus, sigmas = [], []
@@ -440,7 +447,8 @@ def main(argv=None):
     save_atomic(sigma_z, os.path.join(out, "sigma_z.npy"))
     save_reconstructions(model, images, os.path.join(out, "stage1_recon.png"))
     # Theorem 4's analysis (Section 3 after eq. (9), Figure 1b): an encoder variance near 0 marks a
-    # dimension the decoder uses, near 1 one it ignores; their count estimates r; the 0.5 cut-off is ours.
+    # dimension the decoder uses, near 1 one it ignores; their count estimates eq. (9)'s r-hat, which is
+    # r at the optimum (text copies of the paper lose the hat); the 0.5 cut-off is ours.
     # Sigma_z is diagonal here, so Figure 1b's eigenvalues lambda_j are sigma_z^2, averaged over the split
     summary = {"run_id": cfg["run_id"], "epoch": ckpt["epoch"],
                "loggamma_x": None if cfg["loss"] == "cross-entropy" else model.loggamma_x.item(),  # no gamma there
@@ -487,7 +495,8 @@ def die(msg):
 
 def reuse_freed_memory():
     """glibc hands a freed block of more than 128 KB (up to 32 MB, adaptively) back to the OS, so the
-    25 MB weight gradients that zero_grad(set_to_none=True) frees come back as fresh pages every step.
+    25 MB weight gradients that zero_grad(set_to_none=True) frees (MNIST's dense layer) come back as
+    fresh pages every step.
     Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse (the page faults
     and the time saved: results/README.md, "Speed").
     The same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment.
