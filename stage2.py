@@ -63,22 +63,23 @@ class MLP(nn.Module):
 
 class Stage2VAE(nn.Module):
     """q(u|z) = N(mu_u, diag sigma_u^2), p(z|u) = N(z_hat(u), gamma_z^2 I) with gamma_z =
-    exp(loggamma_z) a standard deviation (the paper's gamma, a variance, is gamma_z^2). No BatchNorm."""
+    exp(loggamma_z) a standard deviation (the paper's gamma, a variance, is gamma_z^2), learned from
+    0 like stage 1's loggamma_x. No BatchNorm.
+
+    How far gamma_z falls is measured, not derived: its pull toward 0 is weak. Theorem 3 covers d = r
+    too (q(z) is not Gaussian, so the optimum still has gamma_z -> 0), but with fresh z, q(z) is a
+    density on all of R^kappa, d = r = kappa, and the (d - r) log gamma term that drives stage 1's
+    gamma down without bound is zero (Section 4): the loss is bounded below, by q(z)'s differential
+    entropy (Section 2.1, after eq. (3); docs/protocol.md, "Stage 2"). Weak, not zero: in the used
+    dimensions q(z)'s n Gaussians have sigma_z^2 of 10^-4.6 to 10^-1.3 (MNIST, 400 epochs:
+    theory.ipynb, section 2), nearly a lower-dimensional set. With --fixed-z, n fixed points have
+    r = 0, and the unbounded pull is back."""
 
     def __init__(self, latent_dim=64, width=1024, depth=3):
         super().__init__()
         self.encoder = MLP(latent_dim, width, depth, outputs=2)  # -> mu_u, log sigma_u
         self.decoder = MLP(latent_dim, width, depth, outputs=1)  # -> z_hat (linear output)
-        # the log of a standard deviation, like stage 1's loggamma_x, init 0. Theorem 3 covers d = r
-        # too: q(z) is not Gaussian, so the optimum still has gamma_z -> 0. But with fresh z, q(z) is a
-        # density on all of R^kappa, d = r = kappa, and the (d - r) log gamma term that drives stage 1's
-        # gamma down without bound is zero (Section 4): the loss is bounded below (by q(z)'s differential
-        # entropy: Section 2.1, after eq. (3)), the pull toward 0 is weak, and how far gamma_z falls in
-        # a finite run is what we measure (docs/protocol.md, "Stage 2"). Weak, not zero: in the used
-        # dimensions q(z)'s n Gaussians have sigma_z^2 of 10^-4.6 to 10^-1.3 (MNIST, 400 epochs:
-        # theory.ipynb, section 2), nearly a lower-dimensional set. With --fixed-z, n fixed points have
-        # r = 0, and the unbounded pull is back.
-        self.loggamma_z = nn.Parameter(torch.zeros(()))
+        self.loggamma_z = nn.Parameter(torch.zeros(()))  # log of a standard deviation, init 0
 
     def encode(self, z):
         """q(u|z) of a batch: (mu_u, log sigma_u), each (B, kappa). (stage1.encode is another thing:
