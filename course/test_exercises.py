@@ -438,3 +438,7 @@ def test_ex9_mmd_to_standard_normal():
     same = [stage2.mmd_to_standard_normal(torch.randn(200, 4, generator=g), seed=s) for s in range(10)]
     check(min(same) < 0 < max(same) and abs(np.mean(same)) < 2e-3, 9,
           f"N(0, I) samples must score about 0, some below 0 (unbiased), got {[round(v, 5) for v in same]}")
+    # and clearly above 0 for q(z)-like samples: most dimensions squeezed toward 0 (Section 3's used dimensions)
+    squeezed = torch.randn(400, 8, generator=g) * torch.tensor([1.0] * 2 + [0.1] * 6)
+    got = stage2.mmd_to_standard_normal(squeezed)
+    check(got > 0.05, 9, f"samples with 6 of 8 dimensions squeezed to standard deviation 0.1 must score clearly above 0, got {got:.5f}")
