@@ -1,4 +1,5 @@
-"""FID as the paper reports it (TTUR's TensorFlow FID: the paper's footnote 7), in PyTorch, with no scipy or torchvision model.
+"""FID as the paper reports it (the TensorFlow FID of TTUR, Heusel et al.'s code at github.com/bioinf-jku/TTUR:
+the paper's footnote 7), in PyTorch, with no scipy or torchvision model.
 
     python fid.py --data mnist --split test --n 10000              # compute + cache reference stats
     python fid.py --data mnist --samples runs/mnist/samples.npy    # FID of samples -> samples.fid.json
@@ -32,6 +33,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,20 +62,27 @@ DATA_ROOT = os.environ.get(DATA_ENV, "./data")  # torchvision root of the refere
 
 @torch.inference_mode()
 def features(images, model, batch_size=50, device="cpu", authors_minmax=False, progress=True):
-    """pool_3 features (N, 2048) float32 of an image array (module docstring), batch by batch."""
+    """pool_3 features (N, 2048) float32 of an image array (module docstring), batch by batch, on
+    `device`, which must be the model's. On a GPU the convolutions run in full float32: torch's default lets cuDNN
+    round their inputs to TF32 (a 10-bit mantissa) on Ampere and later GPUs, far coarser than the
+    1e-4 to which this network's features are tested (test_smoke.py, on the CPU)."""
     images = as_nchw(images)
     n = len(images)
     out = np.empty((n, 2048), np.float32)
     t0 = time.perf_counter()
-    for b, i in enumerate(range(0, n, batch_size)):
-        batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # a copy: mmap is read-only
-        x = preprocess(batch, authors_minmax).contiguous(memory_format=torch.channels_last)
-        out[i:i + len(batch)] = model(x).float().cpu().numpy()
-        done = i + len(batch)
-        if progress and (b % 10 == 9 or done == n):
-            rate = done / max(time.perf_counter() - t0, 1e-6)
-            print(f"\rfid: {done}/{n} images, {rate:.1f} images/s, {fmt_time((n - done) / rate)} left",
-                  end="\n" if done == n else "", file=sys.stderr, flush=True)
+    conv_precision, torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.conv.fp32_precision, "ieee"
+    try:
+        for b, i in enumerate(range(0, n, batch_size)):
+            batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # a copy: mmap is read-only
+            x = preprocess(batch, authors_minmax).contiguous(memory_format=torch.channels_last)
+            out[i:i + len(batch)] = model(x).float().cpu().numpy()
+            done = i + len(batch)
+            if progress and (b % 10 == 9 or done == n):
+                rate = done / max(time.perf_counter() - t0, 1e-6)
+                print(f"\rfid: {done}/{n} images, {rate:.1f} images/s, {fmt_time((n - done) / rate)} left",
+                      end="\n" if done == n else "", file=sys.stderr, flush=True)
+    finally:  # the caller's setting back (stage1.py trains with torch's default)
+        torch.backends.cudnn.conv.fp32_precision = conv_precision
     return out
 
 
@@ -85,12 +94,13 @@ def statistics(feats):
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-# Exercise 8: the Frechet distance of two Gaussians, Section 5's FID (Heusel et al. 2017)
+# Exercise 8: the Frechet distance of two Gaussians: the FID of the paper's Section 5, defined by Heusel et al. 2017
 def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), float, for means (D,) and
     covariances (D, D) (docs/protocol.md, "FID"; TTUR's fid.py).
 
-    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2 (_product_eigenvalues).
+    tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2, computed as those of
+    B^T S1 B, where S2 = B B^T (_product_eigenvalues).
     TTUR and pytorch-fid retry with eps * I added to both covariances when scipy's sqrtm returns
     non-finite values, and raise when the root's diagonal has an imaginary part above 1e-3. Here:
     retry when an eigenvalue is non-finite or below -1e-6 (a root with an imaginary part above
@@ -108,7 +118,7 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
         return not np.isfinite(lam).all() or lam.min() < -1e-6
 
     lam = _product_eigenvalues(s1, s2)
-    if bad(lam):  # said every time (a warning would be said once per process), on stderr: into the driver's logs
+    if bad(lam):  # said every time (a warning would be said once per process), on stderr: into results/table1.py's log.txt
         print(f"fid: S1 S2 is near-singular; adding {eps} to the diagonal of both covariances (as TTUR)", file=sys.stderr, flush=True)
         lam = _product_eigenvalues(s1 + eps * np.eye(d), s2 + eps * np.eye(d))
         if bad(lam):
@@ -120,15 +130,16 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
 
 
-# tr(sqrt(S1 S2)) without a matrix square root: the eigenvalues of S1 S2 through a factor of S2
+_reference_factor = {}  # {sha1 of S2: its factor}: one eigh per reference set and process, not one per FID
+
 
 def _product_eigenvalues(s1, s2):
-    # S1 S2 has the eigenvalues of B^T S1 B where S2 = B B^T (eig(XY) = eig(YX)). B^T S1 B is symmetric
-    # PSD, so eigvalsh gives what TTUR takes from scipy.linalg.sqrtm(S1 S2), the trace of the root,
-    # without scipy. S2 is the reference: it is the same in every FID of a run (results/table1.py:
-    # every FID it scores), so its eigh, the one costly step, is done once; each FID then needs only
-    # the eigenvalues of B^T S1 B. With fewer reference images than dimensions B has few columns and
-    # the product is small.
+    """The eigenvalues of S1 S2 for tr(sqrt(S1 S2)), without a matrix square root: S1 S2 has those of
+    B^T S1 B where S2 = B B^T (eig(XY) = eig(YX)). B^T S1 B is symmetric PSD, so eigvalsh gives what
+    TTUR takes from scipy.linalg.sqrtm(S1 S2), the trace of the root, without scipy. S2 is the
+    reference: it is the same in every FID of a run (results/table1.py: every FID it scores), so its
+    eigh, the one costly step, is done once; each FID then needs only the eigenvalues of B^T S1 B.
+    With fewer reference images than dimensions B has few columns and the product is small."""
     key = hashlib.sha1(np.ascontiguousarray(s2).tobytes()).hexdigest()
     if key not in _reference_factor:
         _reference_factor.clear()  # keep one: a 2048 x 2048 factor is 34 MB
@@ -140,15 +151,12 @@ def _product_eigenvalues(s1, s2):
     return np.linalg.eigvalsh((a + a.T) / 2)
 
 
-_reference_factor = {}  # {sha1 of S2: its factor}: one eigh per reference set and process, not one per FID
-
-
 def _factor(s):
     """B with S = B B^T, from S = V W V^T: B = V sqrt(W) on S's nonzero directions only (the rest add
     nothing to the trace in frechet_distance; S is PSD, so smaller W are rounding noise). (D, 0) if S = 0.
     Features that never vary over the set (zero rows and columns of S: the test suite's block-mean
     stand-in for the Inception on blank digit borders, say) are left out of the eigh, whose cost is
-    cubic in its size; B B^T is the same (B itself when every feature varies)."""
+    cubic in its size; B B^T still equals S (and B is unchanged when every feature varies)."""
     varies = np.flatnonzero(np.diag(s) > 0)
     if not len(varies):
         return np.zeros((len(s), 0))
@@ -166,15 +174,6 @@ def load_reference_images(data, split, root):
     """uint8 (N, H, W, C) images of a split, read by stage1.py's loader: the same torchvision files,
     download rule and CelebA crop (rows 45:173, cols 25:153, 64x64) as training."""
     return load_images(data, root, train=(split == "train")).permute(0, 2, 3, 1).numpy()
-
-
-def _atomic_write(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
 
 
 def reference_stats(data, split, n, root, cache_dir, model, batch_size=50, device="cpu", progress=True):
@@ -202,6 +201,8 @@ def fid_of_samples(samples, data, split="test", n_ref=10000, root=DATA_ROOT, cac
                    model=None, batch_size=50, device="cpu", authors_minmax=False, progress=True):
     """FID of generated samples against the cached reference stats, with everything needed to report it."""
     as_nchw(samples)  # fail on bad samples before spending minutes on the reference set
+    if model is None:
+        model = load_inception(device=device)
     mu_r, s_r = reference_stats(data, split, n_ref, root, cache_dir, model, batch_size, device, progress)
     mu_g, s_g = statistics(features(samples, model, batch_size, device, authors_minmax, progress))
     return {"fid": frechet_distance(mu_g, s_g, mu_r, s_r), "n": len(samples),
@@ -401,7 +402,7 @@ class InceptionE(nn.Module):  # Mixed_7b (pool='avg', pytorch-fid's E_1) and Mix
 
 
 class FIDInceptionV3(nn.Module):
-    """(N, 3, 299, 299) in [-1, 1] -> (N, 2048) pool_3 features. torchvision's Inception3 minus
+    """(N, 3, 299, 299) in [-1, 127/128] (inception_input) -> (N, 2048) pool_3 features. torchvision's Inception3 minus
     transform_input, AuxLogits, dropout and fc (TF: FID stops at pool_3; the file's fc.* is ignored)."""
 
     def __init__(self):
@@ -471,9 +472,15 @@ def _load_inception(weights, device):
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated download, another file format: one line, not a traceback
         raise ValueError(f"{weights} is not a readable torch state_dict ({type(e).__name__}); fix: use {WEIGHTS_NAME}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights} holds a {type(state).__name__}, not a state_dict; fix: use {WEIGHTS_NAME}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier not needed for pool_3
     model = FIDInceptionV3()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: the weights of another network
+        raise ValueError(f"{weights} is not pytorch-fid's FID Inception state_dict ({str(e).splitlines()[-1].strip()}); "
+                         f"fix: use {WEIGHTS_NAME}") from None
     if missing or unexpected:  # strict, with a readable message
         raise ValueError(f"{weights} is not pytorch-fid's FID Inception state_dict (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); fix: use {WEIGHTS_NAME}")
@@ -488,8 +495,10 @@ def _load_inception(weights, device):
 def fold_batchnorm(model):
     """Inference only: each BasicConv2d's BatchNorm (fixed statistics) becomes the conv's scale and
     bias, w' = w s, b = beta - mean s, s = gamma / sqrt(var + eps): the same function, one pass
-    over the activations fewer. Features within 1.3e-5 of TensorFlow's on the test fixture's 32 digits,
-    against 4.3e-6 unfolded (the gain: results/README.md, "Speed")."""
+    over the activations fewer. Features within 1.3e-5 of the test fixture's on its 32 digits, against
+    4.3e-6 unfolded (the fixture's: the TF graph's pool_3 of TF-resized digits, computed by the
+    TorchScript copy of that graph from which these weights were converted; the gain:
+    results/README.md, "Speed")."""
     for m in model.modules():
         if isinstance(m, BasicConv2d):
             conv, bn = m.conv, m.bn
@@ -501,6 +510,20 @@ def fold_batchnorm(model):
 
 # -----------------------------------------------------------------------------
 # command line
+
+def _atomic_write(path, write):
+    """write(f) into a temporary file beside path, renamed to path when complete (none left if write fails)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+
 
 def _load_array_or_stats(path):
     """An .npy image array (checked now, read batch by batch later) or an .npz with mu and sigma."""
@@ -524,11 +547,10 @@ def main(argv=None):
                    "with --authors-minmax the FIRST is treated as generated (default: none, for --data)")
     p.add_argument("--data", choices=DATASETS, help="reference data set, one of the paper's four "
                    "(default: none, for two arrays)")
-    p.add_argument("--split", default="test", choices=("test", "train"),
-                   help="reference split (default: test, as the authors)")
-    p.add_argument("--n", type=int, default=10000, help="reference images (default: 10000, the authors')")
-    p.add_argument("--samples", help="generated images .npy; the FID goes to <samples>.fid.json beside it "
-                   "(default: none, for two arrays)")
+    p.add_argument("--split", choices=("test", "train"), help="reference split (default: test, as the authors)")
+    p.add_argument("--n", type=int, help="reference images (default: 10000, the authors')")
+    p.add_argument("--samples", help="generated images .npy; the FID goes beside it, x.npy -> x.fid.json "
+                   "(x.fid-authors-minmax.json with --authors-minmax) (default: none, for two arrays)")
     p.add_argument("--authors-minmax", action="store_true", help="rescale each GENERATED image by its own "
                    "min/max before *255, as the authors' fid_score.py (default: off, the standard x*255)")
     p.add_argument("--inception", help="weights .pth (default: $TWOSTAGE_INCEPTION, then the torch hub cache, "
@@ -543,6 +565,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.arrays) not in (0, 2) or (args.arrays and args.samples) or (not args.arrays and not args.data):
         p.error("pass either two arrays (a.npy b.npy) or --data [--samples PATH]")
+    if args.arrays and (args.data or args.split or args.n):
+        p.error("--data, --split and --n choose a reference set, but with two arrays the second is the reference; "
+                "fix: drop them, or pass --data with --samples instead of two arrays")
+    if args.authors_minmax and not (args.arrays or args.samples):
+        p.error("--authors-minmax rescales generated images, and the reference set is never rescaled; "
+                "fix: pass --samples PATH, or drop the flag")
+    args.split, args.n = args.split or "test", 10000 if args.n is None else args.n
     check_device(args.device)
     if args.batch_size is None:
         # On the CPU, batches of 5 keep every activation (the largest: 5 x 64 x 147 x 147 floats, 28 MB)
@@ -583,7 +612,7 @@ def main(argv=None):
                                     args.batch_size, args.device)
             print(f"reference stats ready: {args.data} {args.split} n={args.n}, {PREPROC}, dim {len(mu)}, "
                   f"in {args.cache}")
-    except (ValueError, OSError) as e:  # bad input, unreadable file: one line, exit code 2, nothing cached
+    except (ValueError, OSError, zipfile.BadZipFile) as e:  # bad input, unreadable file: one line, exit code 2, nothing cached
         fix = "" if "fix:" in str(e) else "; fix: check the path"
         print(f"fid.py: error: {e}{fix}", file=sys.stderr)
         raise SystemExit(2)

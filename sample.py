@@ -86,6 +86,9 @@ def main(argv=None):
     vae2 = None
     if args.recon:
         images = stage1.load_images(ck1["config"]["data"], args.data_root, train=False)
+        if args.n > len(images):
+            die(f"--n {args.n}: the {ck1['config']['data']} test split has only {len(images)} images to reconstruct; "
+                f"fix: pass --n {len(images)} or fewer")
         images = images[torch.randperm(len(images))[:args.n]]  # a shuffled test subset, as the authors' demo.py (github daib13/TwoStageVAE)
         t0 = time.time()
         x = stage1.reconstruct(vae1, images, args.batch_size)

@@ -1,9 +1,11 @@
 """Stage 2 of the Two-Stage VAE (Dai & Wipf 2019, Section 4): a second VAE fitted to stage 1's
-latents. Stage 1's aggregate posterior q(z) need not be N(0, I) (eq. (10): with r < d the VAE need
-not learn the ground-truth measure on the manifold), but it lives on all of R^kappa, r = d = kappa,
-the regime of Theorem 1 where a VAE CAN match the distribution (Section 4, after step 3). So a
-second VAE, an MLP with latent u, learns q(z), and sampling goes u -> z -> x (Section 4, step 3:
-sample.py). The stages are trained one after the other: Section 4 reports that joint training does
+latents. Stage 1's aggregate posterior q(z) need not be N(0, I): its data x (d = 784 pixels for
+MNIST) lie on a manifold of dimension r < d, and there the VAE learns the manifold but need not
+learn how probability is spread over it (eq. (10)). But q(z) lives on all of R^kappa: each of its
+Gaussians q(z|x) has full rank (the unused dimensions are filled with noise of sigma_z near 1), so
+for stage 2's data r = d = kappa, the regime of Theorem 1 where a VAE CAN match the distribution
+(Section 4, after step 3). So a second VAE, an MLP with latent u, learns q(z), and sampling goes
+u -> z -> x (Section 4, step 3: sample.py). The stages are trained one after the other: Section 4 reports that joint training does
 not help.
 
     python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README.md, "Quick start")
@@ -14,8 +16,9 @@ not help.
 Reads runs/<data>/mu_z.npy and sigma_z.npy (written by stage1.py, and checked against its
 latents.json and stage1.pt, so that stage 2 never fits another run's latents) and writes
 runs/<data>/stage2.pt and stage2.json (loggamma_z, the log of a standard deviation like stage 1's
-loggamma_x, and, for Table 3, our estimate of the MMD^2 of q(z) and of q(u) to N(0, I): the paper
-names no estimator; ours is unbiased, so it can dip below 0).
+loggamma_x, and, for Table 3, our estimate of the squared maximum mean discrepancy, MMD^2, of q(z)
+and of q(u) to N(0, I): a kernel distance between two distributions, 0 only when they are equal;
+the paper names no estimator; ours is unbiased, so it can dip below 0).
 Each batch draws FRESH z = mu_z + sigma_z * eps, not one fixed sample per image: Section 4, step 1
 reads like one z per image, the authors' demo.py draws new ones for every batch, and we follow the
 code (docs/protocol.md, "Between the stages"; `--fixed-z` is the literal reading, as an experiment).
@@ -41,7 +44,10 @@ class MLP(nn.Module):
     input's size dim (outputs = 2 for the encoder: mu_u and log sigma_u; outputs = 1 for the
     decoder: z_hat). Dense layers start as TF's default
     (Glorot-uniform weights, zero biases), not PyTorch's; the encoder's mu_u and log sigma_u layers
-    are one 2-kappa layer here, whose Glorot bound is 3 % smaller than two kappa layers'."""
+    are one 2-kappa layer here, whose Glorot bound is 3 % smaller than two kappa layers'.
+    "Small" is the paper's word for their role, not their size: with the authors' width 1024 the
+    two MLPs hold about 4.5 M parameters, a third of the MNIST stage 1's 13.3 M, though a step costs
+    far less (no convolutions; docs/protocol.md, "Stage 2")."""
 
     def __init__(self, dim, width, depth, outputs):
         super().__init__()
@@ -188,14 +194,8 @@ def main(argv=None):
         die(f"--mmd-n {args.mmd_n}: the unbiased MMD needs at least 2 samples per side; fix: pass --mmd-n 2 or more")
     out = args.out or os.path.join("runs", args.data or "mnist")
     path = os.path.join(out, "stage2.pt")
-    stage1_ckpt = load_checkpoint(os.path.join(out, "stage1.pt"), keys=("config", "epoch"))  # all stage 2 needs of it
-    if stage1_ckpt is None:
-        die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
-    if args.data and args.data != stage1_ckpt["config"]["data"]:
-        die(f"{out}/stage1.pt was trained on {stage1_ckpt['config']['data']}, not --data {args.data}; "
-            f"fix: pass --data {stage1_ckpt['config']['data']}, or none")
+    stage1_ckpt, mu_z, sigma_z = load_stage1_run(out, args.data)
     args.data = stage1_ckpt["config"]["data"]  # without --data: the stage-1 run's
-    mu_z, sigma_z = load_latents(out, stage1_ckpt)
     defaults = dict(STAGE2_DEFAULTS, epochs=CIFAR10_EPOCHS[1]) if args.data == "cifar10" else STAGE2_DEFAULTS
     ckpt = start_or_resume(args, path, defaults)
     cfg = ckpt["config"]
@@ -219,8 +219,9 @@ def main(argv=None):
         # which draws a fresh z ~ q(z|x) for them at every step
         fit(model, opt, ckpt, (mu_z, sigma_z), lambda mu, sigma: stage2_loss(model, fresh_z(mu, sigma)), path, "loggamma_z")
     else:  # the experiment: one draw per image, the same at every epoch and on --resume
-        g = torch.Generator(mu_z.device).manual_seed(cfg["seed"])
-        z = mu_z + sigma_z * torch.randn(mu_z.shape, generator=g, device=mu_z.device)
+        # drawn on the CPU, so that a run resumed on another device keeps the same z
+        g = torch.Generator().manual_seed(cfg["seed"])
+        z = mu_z + sigma_z * torch.randn(mu_z.shape, generator=g).to(mu_z.device)
         fit(model, opt, ckpt, (z,), lambda z: stage2_loss(model, z), path, "loggamma_z")
 
     # Table 3: the MMD of q(z) (what 1-stage sampling wrongly assumes is N(0, I)) and of q(u) (what
@@ -235,19 +236,36 @@ def main(argv=None):
 
 
 # ==============================================================================================
-# Plumbing, not in the paper: the checks on stage 1's latents before anything is trained.
+# Plumbing, not in the paper: the checks on stage 1's run before anything is trained.
+
+def load_stage1_run(out, data):
+    """(stage1_ckpt, mu_z, sigma_z) of the stage-1 run in `out`: its checkpoint's config and epoch (all
+    stage 2 needs of it) and its latents, checked; --data, when given, must be the run's."""
+    stage1_ckpt = load_checkpoint(os.path.join(out, "stage1.pt"), keys=("config", "epoch"))
+    if stage1_ckpt is None:
+        die(f"{os.path.join(out, 'stage1.pt')} is missing; fix: run `python stage1.py --out {out}` first")
+    if data and data != stage1_ckpt["config"]["data"]:
+        die(f"{out}/stage1.pt was trained on {stage1_ckpt['config']['data']}, not --data {data}; "
+            f"fix: pass --data {stage1_ckpt['config']['data']}, or none")
+    return (stage1_ckpt, *load_latents(out, stage1_ckpt))
+
 
 def load_latents(out, stage1_ckpt):
     """mu_z, sigma_z from stage 1, checked: a clear error names the file and the command that makes it."""
     fix_cmd = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
     record = os.path.join(out, "latents.json")
-    latents_record = None
-    if os.path.exists(record):
+    epoch, epochs = stage1_ckpt["epoch"], stage1_ckpt["config"]["epochs"]
+    if not os.path.exists(record):
+        unfinished = (f"stage 1 is at epoch {epoch} of {epochs}: wait for it to finish, or, if it was stopped, "
+                      f"`python stage1.py --out {out} --resume`") if epoch < epochs else fix_cmd
+        die(f"{record} is missing: stage 1 writes it with the latents when training ends; fix: {unfinished}")
+    try:
         with open(record) as f:
             latents_record = json.load(f)
-    if latents_record is None or ([latents_record.get("run_id"), latents_record.get("epoch")]
-                                  != [stage1_ckpt["config"]["run_id"], stage1_ckpt["epoch"]]):
-        die(f"{record} says the latents come from {latents_record}, not from stage1.pt (epoch {stage1_ckpt['epoch']}); "
+    except (OSError, ValueError) as e:
+        die(f"{record} is not readable JSON ({type(e).__name__}); fix: {fix_cmd}")
+    if [latents_record.get("run_id"), latents_record.get("epoch")] != [stage1_ckpt["config"]["run_id"], epoch]:
+        die(f"{record} says the latents come from {latents_record}, not from stage1.pt (epoch {epoch}); "
             f"fix: finish the stage-1 run: `python stage1.py --out {out} --resume`")
     arrays = []
     for name in ("mu_z", "sigma_z"):

