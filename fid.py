@@ -63,9 +63,9 @@ DATA_ROOT = os.environ.get(DATA_ENV, "./data")  # torchvision root of the refere
 @torch.inference_mode()
 def features(images, model, batch_size=50, device="cpu", authors_minmax=False, progress=True):
     """pool_3 features (N, 2048) float32 of an image array (module docstring), batch by batch, on
-    `device`, which must be the model's. On a GPU the convolutions run in full float32: torch's default lets cuDNN
-    round their inputs to TF32 (a 10-bit mantissa) on Ampere and later GPUs, far coarser than the
-    1e-4 to which this network's features are tested (test_smoke.py, on the CPU)."""
+    `device`, which must be the model's. On a GPU the convolutions run in full float32: torch's
+    default lets cuDNN round their inputs to TF32 (a 10-bit mantissa) on Ampere and later GPUs, far
+    coarser than the 1e-4 to which this network's features are tested (test_smoke.py, on the CPU)."""
     images = as_nchw(images)
     n = len(images)
     out = np.empty((n, 2048), np.float32)
