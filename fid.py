@@ -100,7 +100,9 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     covariances (D, D) (docs/protocol.md, "FID"; TTUR's fid.py).
 
     tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i), lambda = eigenvalues of S1 S2, computed as those of
-    B^T S1 B, where S2 = B B^T (_product_eigenvalues).
+    B^T S1 B, where S2 = B B^T (_product_eigenvalues; no scipy here, numpy's eigh only). Eigenvalues
+    that should be 0 (fewer images than features) come out of any eigensolver at about +-1e-16:
+    the negative ones count as 0.
     TTUR and pytorch-fid retry with eps * I added to both covariances when scipy's sqrtm returns
     non-finite values, and raise when the root's diagonal has an imaginary part above 1e-3. Here:
     retry when an eigenvalue is non-finite or below -1e-6 (a root with an imaginary part above

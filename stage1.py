@@ -277,7 +277,8 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # Exercise 1: -log p(x|z) of the Gaussian decoder with a learned gamma (Definition 1, eq. (8))
 def gaussian_nll(x, x_hat, loggamma):
     """-log N(x | x_hat, gamma_x^2 I) for each example of a batch, gamma_x = exp(loggamma) a STANDARD
-    DEVIATION: |x - x_hat|^2 / (2 gamma_x^2) + d (loggamma + log(2 pi) / 2), d the pixels per example.
+    DEVIATION: |x - x_hat|^2 / (2 gamma_x^2) + d (loggamma + log(2 pi) / 2), d the number of values
+    in one example (C x H x W: channels count, x[0].numel()).
     With the paper's gamma = gamma_x^2 (a variance) this is half of eq. (8)'s -2 log p(x|z), for one
     z: |x - x_hat|^2 / (2 gamma) + d/2 log(2 pi gamma). Not bounded below: as gamma -> 0 with the
     error shrinking along with it, it falls without limit (Theorems 2 and 3; with the error held
@@ -298,8 +299,9 @@ def bernoulli_nll(x, x_hat):
 def kl_standard_normal(mu, log_sigma):
     """KL[N(mu, diag sigma^2) || N(0, I)] for each example: sum over dimensions of
     (mu^2 + sigma^2 - 2 log sigma - 1) / 2; twice it is eq. (9)'s trace[Sigma_z] + |mu_z|^2 -
-    log|Sigma_z|, minus the constant kappa that eq. (9) drops. Written with log sigma, as the
-    authors do; a log-variance parameterisation gives the same number. Shapes: (B, kappa) -> (B,)."""
+    log|Sigma_z|, minus the constant kappa that eq. (9) drops. log_sigma is the log of the standard
+    deviation, as the authors write it (the log-variance is 2 log_sigma; the same KL written in a
+    log-variance gives the same number). Shapes: (B, kappa) -> (B,)."""
     return ((mu.square() + torch.exp(2 * log_sigma) - 2 * log_sigma - 1) / 2).sum(1)
 
 
@@ -388,7 +390,10 @@ def encode(model, images, batch=1000):
     encoder's q(z|x) with BatchNorm's running statistics, so an image's code does not depend on
     the other images of its batch (the authors' extract_posterior; Section 4 says nothing of
     BatchNorm). sigma_z a standard deviation. Section 4's step 1 draws z(i) ~ q(z|x(i)); we keep
-    q(z|x) itself, so that stage 2 can draw a fresh z for every batch (stage2.fresh_z)."""
+    q(z|x) itself, so that stage 2 can draw a fresh z for every batch (stage2.fresh_z). The encoder
+    takes floats in [0, 1] (uint8 / 255, as in training); `batch` images go through it at a time,
+    which bounds memory and, in evaluation mode, changes no code. Images may be on the CPU, the
+    model anywhere; the arrays come back on the CPU."""
     model.eval()
     device = next(model.parameters()).device
     mus, sigmas = [], []

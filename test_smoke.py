@@ -1221,15 +1221,18 @@ def test_stage2_refuses_bad_latents(stage2_without_stage1, tiny, tmp_path):
 def test_student_copy_blanks_exactly_the_nine_exercises(tmp_path):
     """course/make_student_copy.py: each marked function keeps its signature and docstring and its
     body becomes one raise NotImplementedError("Exercise N: ..."); every other line of every file
-    is the repository's."""
+    is the repository's; the experiments' measured answers are left out."""
     import ast
     student = tmp_path / "student"
     found = load_script(HERE / "course" / "make_student_copy.py").main([str(student)])
     assert sorted(n for n, _, _ in found) == list(range(1, 10))
     tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
     assert tracked or not IN_CI, "CI runs in a git checkout: git ls-files must list the repository's files"
-    if tracked:  # a git checkout: the copy holds exactly the tracked files
-        assert sorted(str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()) == sorted(tracked)
+    answers = {"course/experiments.json", "course/gamma.png", "course/kappa.png", "course/budget.png"}
+    if tracked:  # a git checkout: the copy holds exactly the tracked files but the experiments' measured answers
+        assert answers <= set(tracked)
+        assert sorted(str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()) == sorted(set(tracked) - answers)
+    assert not any((student / rel).exists() for rel in answers)
     marked = {rel for _, _, rel in found}
     assert marked == {"stage1.py", "stage2.py", "sample.py", "fid.py"}
     for path in student.rglob("*"):

@@ -1,6 +1,8 @@
 """Write the student version of this repository: every function marked `# Exercise N: ...` keeps
 its signature and docstring, and its body becomes `raise NotImplementedError("Exercise N: ...")`.
-Nothing else differs.
+Nothing else differs, but for the experiments' measured answers (course/experiments.json and the
+plots beside it), which the copy leaves out: a student's own run of course/experiments.py writes
+them, and would otherwise be merged into ours.
 
     python course/make_student_copy.py ../twostage-student   # then, in the copy:
     pytest -q course/test_exercises.py                         # 9 failures, one per exercise
@@ -19,6 +21,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = re.compile(r"^\s*# Exercise (\d+): (.+?)\s*$")
 SKIP = {".git", ".venv", "runs", "data", "__pycache__", ".pytest_cache"}
+
+
+def is_answer(rel):
+    """course/experiments.py's output, committed as the answers we measured: not in the copy."""
+    return rel == "course/experiments.json" or (rel.startswith("course/") and rel.endswith(".png"))
 
 
 def blank_exercises(source):
@@ -79,7 +86,7 @@ def main(argv=None):
     tmp = dest + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     exercises = []
-    for rel in tracked_files():
+    for rel in [f for f in tracked_files() if not is_answer(f)]:
         src, out = os.path.join(REPO, rel), os.path.join(tmp, rel)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if rel.endswith(".py") and not rel.startswith("course/"):
