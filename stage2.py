@@ -5,8 +5,8 @@ learn how probability is spread over it (eq. (10)). But q(z) lives on all of R^k
 Gaussians q(z|x) has full rank (the unused dimensions are filled with noise of sigma_z near 1), so
 for stage 2's data r = d = kappa, the regime of Theorem 1 where a VAE CAN match the distribution
 (Section 4, after step 3). So a second VAE, an MLP with latent u, learns q(z), and sampling goes
-u -> z -> x (Section 4, step 3: sample.py). The stages are trained one after the other: Section 4 reports that joint training does
-not help.
+u -> z -> x (Section 4, step 3: sample.py). The stages are trained one after the other: Section 4
+reports that joint training does not help.
 
     python stage2.py --data mnist --epochs 20  # CPU-sized (its time: README.md, "Quick start")
     python stage2.py --data mnist              # the authors' protocol (their demo.py; the paper gives no
@@ -252,7 +252,8 @@ def load_stage1_run(out, data):
 
 def load_latents(out, stage1_ckpt):
     """mu_z, sigma_z from stage 1, checked: a clear error names the file and the command that makes it."""
-    fix_cmd = f"run `python stage1.py --out {out}` first (it writes them when training ends)"
+    # stage1.pt exists here, so stage1.py needs --resume; on a finished run it only encodes again
+    fix_cmd = f"run `python stage1.py --out {out} --resume` (it writes the latents when training ends)"
     record = os.path.join(out, "latents.json")
     epoch, epochs = stage1_ckpt["epoch"], stage1_ckpt["config"]["epochs"]
     if not os.path.exists(record):
@@ -264,7 +265,8 @@ def load_latents(out, stage1_ckpt):
             latents_record = json.load(f)
     except (OSError, ValueError) as e:
         die(f"{record} is not readable JSON ({type(e).__name__}); fix: {fix_cmd}")
-    if [latents_record.get("run_id"), latents_record.get("epoch")] != [stage1_ckpt["config"]["run_id"], epoch]:
+    if not isinstance(latents_record, dict) or ([latents_record.get("run_id"), latents_record.get("epoch")]
+                                                != [stage1_ckpt["config"]["run_id"], epoch]):
         die(f"{record} says the latents come from {latents_record}, not from stage1.pt (epoch {epoch}); "
             f"fix: finish the stage-1 run: `python stage1.py --out {out} --resume`")
     arrays = []

@@ -1209,7 +1209,7 @@ def test_stage2_refuses_bad_latents(stage2_without_stage1, tiny, tmp_path):
     assert "not readable JSON" in refused(stage2.main, ["--out", run_dir, "--epochs", 1])
     (run_dir / "latents.json").unlink()
     message = refused(stage2.main, ["--out", run_dir, "--epochs", 1])
-    assert "latents.json is missing" in message and "python stage1.py --out" in message and "wait" not in message
+    assert "latents.json is missing" in message and "--resume" in message and "wait" not in message  # finished: it only encodes
     config = state(run_dir / "stage1.pt")["config"]
     (run_dir / "stage1.pt").unlink()  # a hard link to the shared tiny run: replaced, never written into
     torch.save({"config": dict(config, epochs=5), "epoch": 2}, run_dir / "stage1.pt")
