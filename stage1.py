@@ -19,7 +19,8 @@ Reads the training split from torchvision's files under --data-root (downloading
 torchvision if absent). Writes to --out (default runs/<data>):
 stage1.pt (the checkpoint, rewritten atomically after every epoch), mu_z.npy and sigma_z.npy
 (q(z|x) for the whole training split, n x kappa float32, read by stage2.py), latents.json (the
-checkpoint they come from, loggamma_x, used dimensions) and stage1_recon.png (data above,
+checkpoint they come from, loggamma_x, and `active_dims`, the used latent dimensions: mean sigma_z^2
+below 0.5, Section 3's r-hat) and stage1_recon.png (data above,
 reconstructions below).
 
 Reading order: data, model, loss (eq. (2), eq. (8), eq. (9)), the training loop, encoding for stage 2, main.
@@ -62,11 +63,11 @@ DATA_ENV = "TWOSTAGE_DATA"  # environment variable: the default --data-root
 
 def load_images(data, root, train=True):
     """uint8 tensor (N, C, H, W) of a split, from torchvision's files under root: MNIST and
-    Fashion-MNIST straight from their idx files (_idx_images: importing torchvision takes 2-3 s on a
-    2-core CPU, much of it torch._dynamo, which a training run's optimizer imports anyway, but
-    sample.py and fid.py do not), CIFAR-10 through torchvision's class, CelebA cropped as the authors
-    did (_celeba). Local files first; if absent, torchvision's download; if that fails too (offline),
-    one clear error."""
+    Fashion-MNIST straight from their idx files (_idx_images, which says why), CIFAR-10 through
+    torchvision's class (the raw arrays: the authors' preprocess.py round-trips every CIFAR-10 image
+    through JPEG; docs/protocol.md, "Where this code departs from the authors'"), CelebA cropped as
+    the authors did (_celeba). Local files first; if absent, torchvision's download; if that fails
+    too (offline), one clear error."""
     if data not in SHAPES:
         die(f"unknown data set '{data}'; fix: use one of {', '.join(SHAPES)}")
     images = _idx_images(data, root, train)
@@ -123,7 +124,7 @@ class SpectralNorm(nn.Module):
     paper: their network/util.py; the decoder has none). sigma = u.W v, with u and v advanced by one
     power iteration per training step and none in evaluation mode (the authors' TF iterates while
     encoding too: docs/protocol.md, "Where this code departs from the authors'"), after 16 warm-up
-    iterations; the gradient flows through sigma, as in torch and the authors' TF. The same numbers
+    iterations (torch's choice of 15, plus one; the authors' TF has none: the same section); the gradient flows through sigma, as in torch and the authors' TF. The same numbers
     as torch's parametrizations.spectral_norm with the same u, v (test_smoke.py checks the two
     trajectories agree), but we divide the layer's OUTPUT by sigma instead of the weight, which
     spares the backward pass several passes over the dense weight (6.4M entries for MNIST;
@@ -152,6 +153,7 @@ class SpectralNorm(nn.Module):
             sigma = self.u @ (w.flatten(1) @ self.v)
             y = F.conv2d(x, w, None, self.layer.stride, self.layer.padding)
             return y / sigma + b[:, None, None]
+        # mathematically F.linear(x, w / sigma, b) with sigma = u.W v; computed so that
         # v rides along as one more input row, so one matmul gives both x W^T and W v (sigma = u.W v),
         # and its backward, g^T [x; v^T], folds sigma's rank-one gradient into the same pass over the
         # weight (6.4M entries for MNIST) instead of an outer product plus a sum of two weight-sized
@@ -201,7 +203,10 @@ class InfoganDecoder(nn.Module):
 
 
 class WaeEncoder(nn.Module):
-    """The 'WAE' network of Tolstikhin et al., which Table 2 uses (64x64 RGB only). As in the
+    """The 'WAE' network of Tolstikhin et al., which Table 2 uses (64x64 RGB only). Table 2 trained it
+    for the WAE paper's epochs, on the WAE paper's crop (Section 5; docs/protocol.md, "Budgets beyond
+    the defaults"): our defaults are Table 1's budget and the authors' 128x128 crop, so pass
+    --epochs for Table 2's. As in the
     authors' code: no spectral norm, and sigma = exp(log sigma). PyTorch pads 5x5/2 convs
     symmetrically (2, 2) where TF 'same' pads (1, 2); the decoder's transposed convs are likewise
     shifted by one pixel against TF's (same shapes)."""
@@ -350,7 +355,7 @@ def fit(model, opt, ckpt, data, batch_loss, path, loggamma_name, progress_every=
     forecast_after seconds, one line says how long the run will take; then a progress line every
     progress_every seconds (wall time). loggamma_name: the model's parameter logged and checked
     each epoch ("loggamma_x" / "loggamma_z"). The bookkeeping (progress, checkpoints) is at the end."""
-    reuse_freed_memory()
+    reuse_freed_memory()  # speed only, no number changes (the plumbing at the end of this file)
     cfg = ckpt["config"]
     device = next(model.parameters()).device
     n, batch = len(data[0]), cfg["batch_size"]
@@ -392,7 +397,7 @@ def encode(model, images, batch=1000):
     BatchNorm). sigma_z a standard deviation. Section 4's step 1 draws z(i) ~ q(z|x(i)); we keep
     q(z|x) itself, so that stage 2 can draw a fresh z for every batch (stage2.fresh_z). The encoder
     takes floats in [0, 1] (uint8 / 255, as in training); `batch` images go through it at a time,
-    which bounds memory and, in evaluation mode, changes no code. Images may be on the CPU, the
+    which bounds memory and, in evaluation mode, changes no number. Images may be on the CPU, the
     model anywhere; the arrays come back on the CPU."""
     model.eval()
     device = next(model.parameters()).device
@@ -428,6 +433,8 @@ def main(argv=None):
     defaults = dict(STAGE1_DEFAULTS, epochs=CIFAR10_EPOCHS[0]) if args.data == "cifar10" else STAGE1_DEFAULTS
     ckpt = start_or_resume(args, path, defaults)
     cfg = ckpt["config"]
+    if cfg["batch_size"] < 2:  # training-mode BatchNorm divides by the batch's variance
+        die(f"--batch-size {cfg['batch_size']}: BatchNorm needs at least 2 images a batch; fix: pass --batch-size 2 or more")
     if cfg["arch"] == "wae" and cfg["data"] != "celeba":  # before the data are read (VAE() checks the shape again)
         die(f"--arch wae is defined for 64x64 RGB images (celeba), not {cfg['data']}; fix: use --arch infogan")
     torch.manual_seed(cfg["seed"])
@@ -478,7 +485,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=os.environ.get(DATA_ENV, "./data"),
                    help=f"torchvision data root; files are downloaded there if absent (env {DATA_ENV})")
     p.add_argument("--arch", choices=["infogan", "wae"],
-                   help="'infogan': Table 1's neutral architecture; 'wae': Table 2's, celeba only (default: infogan)")
+                   help="'infogan': Table 1's neutral architecture; 'wae': Table 2's, celeba only, trained there for "
+                        "the WAE paper's epochs: pass --epochs (default: infogan)")
     p.add_argument("--loss", choices=["learned-gamma", "fixed-gamma", "cross-entropy"],
                    help="decoder likelihood: Table 1's rows 'VAE learned gamma', 'fixed gamma', 'cross-entropy' (default: learned-gamma)")
     p.add_argument("--latent-dim", type=int, help="kappa, the latent size (default: 64, the paper's for every data set)")
@@ -494,7 +502,8 @@ def parse_args(argv=None):
 # Plumbing, not in the paper: errors, memory, RNG, checkpoints, atomic writes, flags, files.
 
 def die(msg):
-    """A clear one-line error and a non-zero exit; nothing half-written is left behind."""
+    """A clear one-line error and a non-zero exit (every output here is written atomically, so a
+    stop leaves no half-written file)."""
     raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twostage'}: error: {msg}")
 
 
@@ -540,30 +549,43 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available() and state["cuda"]:  # resumed on fewer GPUs: the ones there are
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def save_atomic(obj, path):
     """Write to a temporary name, then rename: a kill mid-write never leaves a broken file.
     .json: a small record; numpy array: .npy; anything else: torch.save."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    elif isinstance(obj, np.ndarray):
-        with open(tmp, "wb") as f:
-            np.save(f, obj)
-    else:
-        torch.save(obj, tmp)
+    try:
+        if path.endswith(".json"):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=1)
+        elif isinstance(obj, np.ndarray):
+            with open(tmp, "wb") as f:
+                np.save(f, obj)
+        else:
+            torch.save(obj, tmp)
+    except BaseException as e:  # a full disk, a kill: no 160 MB temporary left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            die(f"cannot write {path} ({type(e).__name__}: {e}); fix: free disk space or pass another --out")
+        raise
     os.replace(tmp, path)
 
 
 def copy_atomic(src, dst):
     """Copy to a temporary name, then rename: a kill never leaves half a file to trip the next run."""
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
+        shutil.copyfile(src, tmp)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"cannot write {dst} ({type(e).__name__}: {e}); fix: free disk space or pass another --out")
+    os.replace(tmp, dst)
 
 
 def link_atomic(src, dst):
@@ -667,9 +689,13 @@ def load_checkpoint(path, keys=None):
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=keys is not None)
-        return ckpt if keys is None else {k: ckpt[k] for k in keys}
     except Exception as e:
         die(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); fix: delete it and start again without --resume")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys or ()):
+        what = "is not a dict" if not isinstance(ckpt, dict) else f"has no {', '.join(k for k in keys if k not in ckpt)} entry"
+        die(f"{path} {what}: not a checkpoint of this version of these scripts; fix: pass the --out of a run they "
+            f"wrote, or start a new run in another --out")
+    return ckpt if keys is None else {k: ckpt[k] for k in keys}
 
 
 def restore(ckpt, model, opt):
@@ -729,7 +755,9 @@ def _idx_images(data, root, train):
     """MNIST's or Fashion-MNIST's images where torchvision keeps them (<root>/MNIST/raw/
     train-images-idx3-ubyte, t10k-... for the test split), or None if the file is not there. The idx
     format: magic 2051 (unsigned bytes, 3 dimensions), then N, rows, columns as big-endian int32,
-    then the pixels, row by row. The same tensor as torchvision's MNIST(...).data (test_smoke.py)."""
+    then the pixels, row by row. The same tensor as torchvision's MNIST(...).data (test_smoke.py),
+    without importing torchvision: that takes 2-3 s on a 2-core CPU, much of it torch._dynamo, which
+    a training run's optimizer imports anyway, but sample.py and fid.py do not."""
     if data not in ("mnist", "fashion"):
         return None
     path = os.path.join(root, FOLDERS[data], f"{'train' if train else 't10k'}-images-idx3-ubyte")
@@ -771,8 +799,12 @@ def _celeba(root, train):
         return np.load(cache)
     images = np.empty((len(ds.filename), 64, 64, 3), np.uint8)
     for i, name in enumerate(ds.filename):  # JPEG decoding is per file: no way around a loop here
-        with Image.open(os.path.join(root, "celeba", "img_align_celeba", name)) as im:
-            images[i] = np.asarray(im.convert("RGB").crop((25, 45, 153, 173)).resize((64, 64), Image.BILINEAR))
+        jpeg = os.path.join(root, "celeba", "img_align_celeba", name)
+        try:
+            with Image.open(jpeg) as im:
+                images[i] = np.asarray(im.convert("RGB").crop((25, 45, 153, 173)).resize((64, 64), Image.BILINEAR))
+        except OSError as e:  # PIL's error for a truncated or corrupt file
+            die(f"cannot decode {jpeg} ({e}); fix: fetch CelebA's img_align_celeba again")
     save_atomic(images, cache)
     return images
 

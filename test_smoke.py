@@ -734,6 +734,30 @@ def test_a_snapshot_epochs_checkpoint_links_without_writing_into_old_files(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt", "stage1_e0100.pt", "stage1_e0200.pt"]
 
 
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """save_atomic and copy_atomic on a full disk: one line naming the file and the fix, the old
+    checkpoint as it was, no 160 MB temporary left beside it."""
+    checkpoint = tmp_path / "stage1.pt"
+    checkpoint.write_bytes(b"epoch 7")
+
+    def disk_full(obj, f):
+        open(f, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    for write in (lambda: stage1.save_atomic({"epoch": 8}, str(checkpoint)),
+                  lambda: stage1.copy_atomic(str(tmp_path / "missing.pt"), str(checkpoint))):
+        with pytest.raises(SystemExit) as e:
+            write()
+        assert f"cannot write {checkpoint}" in str(e.value.code) and "fix: free disk space" in str(e.value.code)
+        assert [p.name for p in tmp_path.iterdir()] == ["stage1.pt"] and checkpoint.read_bytes() == b"epoch 7"
+    # a readable file that is not one of our checkpoints: one line, and not "delete it"
+    monkeypatch.undo()
+    torch.save({"config": {}}, tmp_path / "old.pt")
+    with pytest.raises(SystemExit) as e:
+        stage1.load_checkpoint(str(tmp_path / "old.pt"), keys=("config", "epoch"))
+    assert "has no epoch entry" in str(e.value.code) and "delete" not in str(e.value.code)
+
+
 def test_resume_refuses_flags_that_would_change_the_run(tiny, tmp_path):
     run_dir = copy_run(tiny, tmp_path / "run")
     mtime = (run_dir / "stage1.pt").stat().st_mtime_ns
@@ -755,6 +779,7 @@ def test_bad_flag_values_are_refused_in_one_line_before_anything_is_written(tiny
     new = tmp_path / "new"
     for main, flags, said in (
             (stage1.main, ["--batch-size", 0], "--batch-size 0: must be at least 1"),
+            (stage1.main, ["--batch-size", 1], "--batch-size 1: BatchNorm needs at least 2 images a batch"),
             (stage1.main, ["--lr-epochs", -150], "--lr-epochs -150: must be at least 1"),
             (stage1.main, ["--lr", 0], "--lr 0.0: must be above 0"),
             (stage1.main, ["--device", "gpu"], "--device gpu is not a device these scripts run on"),
