@@ -124,11 +124,12 @@ class SpectralNorm(nn.Module):
     paper: their network/util.py; the decoder has none). sigma = u.W v, with u and v advanced by one
     power iteration per training step and none in evaluation mode (the authors' TF iterates while
     encoding too: docs/protocol.md, "Where this code departs from the authors'"), after 16 warm-up
-    iterations (torch's choice of 15, plus one; the authors' TF has none: the same section); the gradient flows through sigma, as in torch and the authors' TF. The same numbers
-    as torch's parametrizations.spectral_norm with the same u, v (test_smoke.py checks the two
-    trajectories agree), but we divide the layer's OUTPUT by sigma instead of the weight, which
-    spares the backward pass several passes over the dense weight (6.4M entries for MNIST;
-    results/README.md, "Speed")."""
+    iterations (torch's choice of 15, plus one; the authors' TF has none: the same section); the
+    gradient flows through sigma, as in torch and the authors' TF. The same numbers as torch's
+    parametrizations.spectral_norm with the same u, v (test_smoke.py checks the two trajectories
+    agree), but we divide the layer's OUTPUT by sigma instead of the weight, which spares the
+    backward pass several passes over the dense weight (6.4M entries for MNIST; results/README.md,
+    "Speed")."""
 
     def __init__(self, layer, warmup=16):
         super().__init__()
