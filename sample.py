@@ -28,7 +28,9 @@ def generate(vae1, vae2, n, batch, device, z_noise=True):
     gamma_z^2 I) with gamma_z = exp(vae2.loggamma_z) a standard deviation, x = x_hat(z), the decoder
     mean (the paper writes x ~ p(x|z); the authors take the mean: docs/protocol.md, "Sampling").
     vae2 None means one-stage sampling, z ~ N(0, I). z_noise False drops the gamma_z eps term
-    (z = z_hat(u), the same u): a diagnostic, not the authors' rule."""
+    (z = z_hat(u), the same u): a diagnostic, not the authors' rule. Returns one float tensor on
+    the CPU. The models' parts: vae1.latent_dim (kappa), vae1.decoder(z) -> x_hat; vae2.decoder(u)
+    -> z_hat, vae2.loggamma_z (a scalar tensor)."""
     kappa = vae1.latent_dim
     out = []
     for i in range(0, n, batch):

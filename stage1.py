@@ -314,7 +314,8 @@ def kl_standard_normal(mu, log_sigma):
 # Exercise 3: the reparameterised draw z ~ N(mu, diag sigma^2) (Section 1; Kingma & Welling 2014)
 def reparameterize(mu, sigma):
     """z = mu + sigma * eps, eps ~ N(0, I): one draw per row, differentiable in mu and sigma, so
-    the gradient of eq. (2)'s expectation reaches the encoder. sigma a standard deviation."""
+    the gradient of eq. (2)'s expectation reaches the encoder. sigma a standard deviation, of
+    mu's shape; z has that shape too."""
     return mu + sigma * torch.randn_like(mu)
 
 
@@ -322,7 +323,9 @@ def reparameterize(mu, sigma):
 def stage1_loss(model, x, loss="learned-gamma"):
     """(loss, rec, kl) for a float batch x in [0, 1], each a batch MEAN of per-image sums (rec over
     pixels, kl over latent dimensions); one z ~ q(z|x) per image. loss: 'learned-gamma' or
-    'fixed-gamma' (the Gaussian decoder with model.loggamma_x), or 'cross-entropy'."""
+    'fixed-gamma' (the Gaussian decoder with model.loggamma_x), or 'cross-entropy'. The model's
+    parts: model.encoder(x) -> (mu_z, log_sigma_z, sigma_z), each (B, kappa); model.decoder(z) ->
+    x_hat, the decoder's mean, shaped as x."""
     mu_z, log_sigma_z, sigma_z = model.encoder(x)
     z = reparameterize(mu_z, sigma_z)
     x_hat = model.decoder(z)
@@ -399,7 +402,8 @@ def encode(model, images, batch=1000):
     q(z|x) itself, so that stage 2 can draw a fresh z for every batch (stage2.fresh_z). The encoder
     takes floats in [0, 1] (uint8 / 255, as in training); `batch` images go through it at a time,
     which bounds memory and, in evaluation mode, changes no number. Images may be on the CPU, the
-    model anywhere; the arrays come back on the CPU."""
+    model anywhere; the arrays come back on the CPU. model.encoder(x) -> (mu_z, log_sigma_z,
+    sigma_z), each (B, kappa)."""
     model.eval()
     device = next(model.parameters()).device
     mus, sigmas = [], []

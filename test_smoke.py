@@ -1114,6 +1114,15 @@ def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypat
     args = [str(a) for a in ["--seeds", 3, "--limit", 128, "--epochs", 2, "--budget-epochs", "1,2", "--kappas", "4,64",
                              "--stage2-epochs", 1, "--n-fid", 2, "--n-ref", 2, "--out", out, "--json", tmp_path / "e.json",
                              "--plots", tmp_path, "--data-root", data_root]]
+    def unwritten(*args, **kwargs):  # an exercise's body in the student copy
+        raise NotImplementedError("Exercise N: ...")
+
+    with monkeypatch.context() as m:  # a student copy with two exercises unwritten: refused before any training
+        m.setattr(stage1, "encode", unwritten)
+        m.setattr(stage2, "mmd_to_standard_normal", unwritten)
+        with pytest.raises(SystemExit, match=r'exercises 5, 9 not written yet .*-k "ex5 or ex9"'):
+            experiments.main(args)
+    assert not out.exists() and not (tmp_path / "e.json").exists()
     experiments.main(args)
     answers = json.loads((tmp_path / "e.json").read_text())
     gamma, kappa, budget = answers["gamma"]["3"], answers["kappa"]["3"], answers["budget"]["3"]

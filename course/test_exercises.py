@@ -210,6 +210,9 @@ def test_ex4_stage1_loss(monkeypatch):
     check(not close(rec, rec_i.sum()), 4, "rec is summed over the batch: eq. (2) averages over the data (mean over the batch)")
     check(close(rec, rec_i.mean()), 4, "rec must be the batch mean of -log p(x|z), summed over pixels (eq. 8)")
     check(not close(kl, kl_i * 8), 4, "kl is summed over the batch: average it")
+    kl_of_sigma_as_log = stage1.kl_standard_normal(vae.encoder.mu.detach()[None], torch.full((1, 3), 0.5))[0]
+    check(not close(kl, kl_of_sigma_as_log), 4, "kl_standard_normal got sigma_z where it takes log sigma_z: the "
+          "encoder returns (mu_z, log_sigma_z, sigma_z)")
     check(close(kl, kl_i), 4, "kl must be the batch mean of KL[q(z|x) || N(0, I)], summed over latent dimensions")
     check(close(loss, rec + kl), 4, "loss must be rec + kl (eq. 2)")
     z = vae.decoder.seen[-1]
@@ -233,7 +236,10 @@ def test_ex4_stage1_loss(monkeypatch):
     # a large sample of z: mean mu, standard deviation sigma = 0.5
     big = stub_vae()
     stage1.stage1_loss(big, torch.rand(20000, 1, 4, 4), "learned-gamma")
-    check(close(big.decoder.seen[-1].std(0), [0.5] * 3, rtol=0.03, atol=0), 4, "z's standard deviation must be sigma_z")
+    z_std = big.decoder.seen[-1].std(0)
+    check(not close(z_std, [math.log(2)] * 3, rtol=0.03, atol=0), 4, "z's standard deviation is |log sigma_z|: "
+          "reparameterize got log sigma_z where it takes sigma_z (the encoder returns (mu_z, log_sigma_z, sigma_z))")
+    check(close(z_std, [0.5] * 3, rtol=0.03, atol=0), 4, "z's standard deviation must be sigma_z")
     # the baselines: fixed gamma = loggamma_x 0 in the same formula; cross-entropy with logs clamped at 1e-8
     fixed = stub_vae(loggamma=0.0)
     _, rec_fixed, _ = stage1.stage1_loss(fixed, x, "fixed-gamma")
@@ -281,7 +287,10 @@ def test_ex5_encode_with_batchnorm_in_evaluation_mode():
 # ---------------------------------------------------------------------------------------------
 # Exercise 6: stage2.fresh_z, a fresh z ~ q(z|x) for every stage-2 batch
 
-def test_ex6_fresh_z_for_every_batch():
+def test_ex6_fresh_z_for_every_batch(monkeypatch):
+    # graded on its own: exercise 3's draw, which fresh_z may call, is replaced by an independent one
+    for module in (stage1, stage2):
+        monkeypatch.setattr(module, "reparameterize", lambda mu, sigma: mu + sigma * torch.randn_like(mu))
     torch.manual_seed(6)
     mu_z = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
     sigma_z = torch.tensor([[0.5, 1.5], [0.01, 1.0]])
@@ -325,6 +334,8 @@ def test_ex7_two_stage_sampling():
     vae1.decoder, vae1.latent_dim = ShowZ(), kappa
     vae2 = StubStage2(kappa)
     x = sample.generate(vae1, vae2, 5000, 700, "cpu")
+    check(isinstance(x, torch.Tensor) and x.device.type == "cpu", 7, f"return one torch tensor on the CPU "
+          f"(torch.cat of the batches, each moved with .cpu()), got {type(x).__name__}")
     check(tuple(x.shape) == (5000, 1, 1, kappa), 7, f"n = 5000 images expected, got {tuple(x.shape)}")
     check(len(vae2.seen) > 0, 7, "stage 2's decoder was never called: z_hat = vae2.decoder(u) for u ~ N(0, I), "
           "then z ~ N(z_hat, gamma_z^2 I)")
@@ -375,8 +386,11 @@ def test_ex8_frechet_distance():
     s = a @ a.T + 0.1 * np.eye(6)
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     d = fid.frechet_distance(mu1, s, mu1, s)
-    check(abs(d) < 1e-6 * np.trace(s), 8, f"the distance of a Gaussian to itself must be 0, got {d} "
-          "(tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)): the matrix square root, the factor 2, and S2 in the product?)")
+    root_of_trace = 2 * np.trace(s) - 2 * np.sqrt(np.trace(s @ s))  # a usual slip: sqrt(tr(S1 S2))
+    check(abs(d) < 1e-6 * np.trace(s), 8, f"the distance of a Gaussian to itself must be 0, got {d} " + (
+          "(sqrt(tr(S1 S2)), the root of the trace, where the formula has tr(sqrt(S1 S2)), the trace of the "
+          "matrix square root)" if np.isclose(d, root_of_trace, rtol=1e-6) else
+          "(tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)): the matrix square root, the factor 2, and S2 in the product?)"))
     check(np.isclose(fid.frechet_distance(mu1, s, mu2, s), np.sum((mu1 - mu2) ** 2), rtol=1e-6), 8,
           "with equal covariances the distance is |mu1 - mu2|^2 (a squared norm, not the norm)")
     # diagonal covariances: tr sqrt(S1 S2) = sum sqrt(a_i b_i), so FID = |dmu|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
