@@ -29,7 +29,6 @@ import argparse
 import datetime
 import functools
 import hashlib
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage1 import DATA_ENV, HelpWithDefaults, check_device, default_device, fmt_time, load_images, reuse_freed_memory, versions  # the project's data loader and helpers
+from stage1 import DATA_ENV, HelpWithDefaults, check_device, default_device, fmt_time, load_images, reuse_freed_memory, save_atomic, versions  # the project's data loader and helpers
 
 # -----------------------------------------------------------------------------
 # config
@@ -195,7 +194,7 @@ def reference_stats(data, split, n, root, cache_dir, model, batch_size=50, devic
     # seed keeps the set the same across runs
     idx = np.random.default_rng(REF_SEED).permutation(len(images))[:n]
     mu, sigma = statistics(features(images[idx], model, batch_size, device, progress=progress))
-    _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **key, **versions()))
+    save_atomic({"mu": mu, "sigma": sigma, **key, **versions()}, path)  # whole or not at all
     return mu, sigma
 
 
@@ -513,20 +512,6 @@ def fold_batchnorm(model):
 # -----------------------------------------------------------------------------
 # command line
 
-def _atomic_write(path, write):
-    """write(f) into a temporary file beside path, renamed to path when complete (none left if write fails)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
-
-
 def _load_array_or_stats(path):
     """An .npy image array (checked now, read batch by batch later) or an .npz with mu and sigma."""
     if str(path).endswith(".npz"):  # precomputed (mu, sigma), e.g. a file from the reference cache
@@ -607,7 +592,7 @@ def main(argv=None):
             res["samples"] = str(args.samples)
             # one file per convention, so both can be reported side by side
             out = Path(args.samples).with_suffix(".fid-authors-minmax.json" if args.authors_minmax else ".fid.json")
-            _atomic_write(out, lambda f: f.write((json.dumps(res, indent=2) + "\n").encode()))
+            save_atomic(res, out)
             print(f"FID {res['fid']:.2f} ({convention}; n={res['n']} vs {args.data} {args.split} n={args.n}) -> {out}")
         else:
             mu, _ = reference_stats(args.data, args.split, args.n, args.data_root, args.cache, model,

@@ -559,13 +559,19 @@ def set_rng_state(state):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary name, then rename: a kill mid-write never leaves a broken file.
-    .json: a small record; numpy array: .npy; anything else: torch.save."""
+    """Write to a temporary name, then rename: a kill mid-write never leaves a broken file. Its
+    folder is made if missing. .json: a small record; .npz: a dict of arrays (np.savez); a numpy
+    array: .npy; anything else: torch.save."""
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         if path.endswith(".json"):
             with open(tmp, "w") as f:
                 json.dump(obj, f, indent=1)
+        elif path.endswith(".npz"):
+            with open(tmp, "wb") as f:  # a file object, or np.savez would append ".npz" to the name
+                np.savez(f, **obj)
         elif isinstance(obj, np.ndarray):
             with open(tmp, "wb") as f:
                 np.save(f, obj)
@@ -575,7 +581,7 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            die(f"cannot write {path} ({type(e).__name__}: {e}); fix: free disk space or pass another --out")
+            die(f"cannot write {path} ({type(e).__name__}: {e}); fix: free disk space or choose another output folder")
         raise
     os.replace(tmp, path)
 
@@ -589,7 +595,7 @@ def copy_atomic(src, dst):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"cannot write {dst} ({type(e).__name__}: {e}); fix: free disk space or pass another --out")
+        die(f"cannot write {dst} ({type(e).__name__}: {e}); fix: free disk space or choose another output folder")
     os.replace(tmp, dst)
 
 

@@ -1491,15 +1491,28 @@ def test_fid_features_print_progress_and_time_left(capsys):
     assert re.fullmatch(r"\rfid: 20/23 images, [\d.]+ images/s, \d+m\d\ds left\rfid: 23/23 images, [\d.]+ images/s, 0m00s left\n", err), err
 
 
-def test_fid_writes_whole_files_or_none(tmp_path):
-    """fid.py's outputs (the reference cache, the .fid.json) go through a temporary file and a rename:
-    a write that fails leaves the old file as it was and no temporary behind."""
-    (tmp_path / "x.json").write_text("old")
-    with pytest.raises(RuntimeError):
-        fid._atomic_write(tmp_path / "x.json", lambda f: f.write(b"half") and (_ for _ in ()).throw(RuntimeError("disk full")))
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_text() == "old"
-    fid._atomic_write(tmp_path / "x.json", lambda f: f.write(b"new"))
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_text() == "new"
+def test_fid_writes_whole_files_or_none(tmp_path, monkeypatch):
+    """fid.py's outputs, the reference cache (.npz) and the .fid.json, go through stage1.save_atomic: a
+    write that fails leaves the old file as it was, no temporary behind, and one line; a missing
+    folder is made."""
+    assert fid.save_atomic is stage1.save_atomic
+    cache = tmp_path / "mnist-test.npz"
+    cache.write_text("old")
+
+    def disk_full(f, **arrays):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(SystemExit, match=f"cannot write {cache} .*fix: free disk space"):
+        stage1.save_atomic({"mu": np.zeros(2)}, cache)
+    assert [p.name for p in tmp_path.iterdir()] == [cache.name] and cache.read_text() == "old"
+    monkeypatch.undo()
+    stage1.save_atomic({"mu": np.arange(3.0), "data": "mnist"}, tmp_path / "new" / "stats.npz")
+    with np.load(tmp_path / "new" / "stats.npz") as z:
+        assert z["mu"].tolist() == [0.0, 1.0, 2.0] and z["data"].item() == "mnist"
+    stage1.save_atomic({"fid": 1.5}, tmp_path / "new" / "x.fid.json")
+    assert json.loads((tmp_path / "new" / "x.fid.json").read_text()) == {"fid": 1.5}
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["stats.npz", "x.fid.json"]
 
 
 def test_fid_features_keep_gpu_convolutions_in_full_float32():
