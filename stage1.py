@@ -563,9 +563,9 @@ def save_atomic(obj, path):
     folder is made if missing. .json: a small record; .npz: a dict of arrays (np.savez); a numpy
     array: .npy; anything else: torch.save."""
     path = str(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if path.endswith(".json"):
             with open(tmp, "w") as f:
                 json.dump(obj, f, indent=1)
