@@ -588,9 +588,9 @@ def save_atomic(obj, path):
 
 def copy_atomic(src, dst):
     """Copy to a temporary name, then rename: a kill never leaves half a file to trip the next run."""
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     tmp = f"{dst}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
         shutil.copyfile(src, tmp)
     except OSError as e:
         if os.path.exists(tmp):
