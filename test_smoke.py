@@ -1123,6 +1123,9 @@ def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypat
         with pytest.raises(SystemExit, match=r'exercises 5, 9 raise NotImplementedError .*-k "ex5 or ex9"'):
             experiments.main(args)
     assert not out.exists() and not (tmp_path / "e.json").exists()
+    rng = torch.get_rng_state()
+    assert experiments.unwritten_exercises() == []  # all nine written: nothing refused
+    assert torch.equal(torch.get_rng_state(), rng)  # and the check left the caller's random state alone
     experiments.main(args)
     answers = json.loads((tmp_path / "e.json").read_text())
     gamma, kappa, budget = answers["gamma"]["3"], answers["kappa"]["3"], answers["budget"]["3"]
