@@ -735,21 +735,32 @@ def test_a_snapshot_epochs_checkpoint_links_without_writing_into_old_files(tmp_p
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    """save_atomic and copy_atomic on a full disk: one line naming the file and the fix, the old
-    checkpoint as it was, no 160 MB temporary left beside it."""
-    checkpoint = tmp_path / "stage1.pt"
+    """save_atomic, copy_atomic, link_atomic's copy (no hard links) and save_grid on a full disk: one
+    line naming the file and the fix, the old file as it was, no temporary (160 MB for a checkpoint)
+    left beside it."""
+    checkpoint, grid = tmp_path / "stage1.pt", tmp_path / "stage1_recon.png"
     checkpoint.write_bytes(b"epoch 7")
+    grid.write_bytes(b"old grid")
 
-    def disk_full(obj, f):
+    def disk_full(*args, **kwargs):  # torch.save, shutil.copyfile, Image.save: the file is the last str argument
+        f = [a for a in args if isinstance(a, str)][-1]
         open(f, "wb").write(b"half")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
-    for write in (lambda: stage1.save_atomic({"epoch": 8}, str(checkpoint)),
-                  lambda: stage1.copy_atomic(str(tmp_path / "missing.pt"), str(checkpoint))):
+    def no_hard_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+    from PIL import Image
+    for obj, name in ((torch, "save"), (shutil, "copyfile"), (Image.Image, "save")):
+        monkeypatch.setattr(obj, name, disk_full)
+    monkeypatch.setattr(os, "link", no_hard_links)
+    for write, path in ((lambda: stage1.save_atomic({"epoch": 8}, str(checkpoint)), checkpoint),
+                        (lambda: stage1.copy_atomic(str(tmp_path / "stage1_e0008.pt"), str(checkpoint)), checkpoint),
+                        (lambda: stage1.link_atomic(str(tmp_path / "stage1_e0008.pt"), str(checkpoint)), checkpoint),
+                        (lambda: stage1.save_grid(torch.rand(2, 1, 4, 4), str(grid)), grid)):
         with pytest.raises(SystemExit) as e:
             write()
-        assert f"cannot write {checkpoint}" in str(e.value.code) and "fix: free disk space" in str(e.value.code)
-        assert [p.name for p in tmp_path.iterdir()] == ["stage1.pt"] and checkpoint.read_bytes() == b"epoch 7"
+        assert f"cannot write {path}" in str(e.value.code) and "fix: free disk space" in str(e.value.code)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt", "stage1_recon.png"]
+        assert checkpoint.read_bytes() == b"epoch 7" and grid.read_bytes() == b"old grid"
     # a readable file that is not one of our checkpoints: one line, and not "delete it"
     monkeypatch.undo()
     torch.save({"config": {}}, tmp_path / "old.pt")
@@ -803,6 +814,9 @@ def test_bad_flag_values_are_refused_in_one_line_before_anything_is_written(tiny
     # --resume: a shorter run than the checkpoint's, or another data set, would silently do nothing or the wrong thing
     assert "--epochs 1 is below the 2 epochs" in refused(stage1.main, ["--out", run_dir, "--resume", "--epochs", 1, "--data-root", tiny.root])
     assert "--data fashion (the run's: mnist)" in refused(stage1.main, ["--out", run_dir, "--resume", "--data", "fashion"])
+    a_file = tmp_path / "a-file"  # --out naming a file: refused before the data are read (none at this root)
+    a_file.write_bytes(b"")
+    assert "cannot make the folder --out" in refused(stage1.main, ["--out", a_file, "--data-root", tmp_path / "no-data"])
     with pytest.raises(argparse.ArgumentTypeError):  # an epoch-0 snapshot would copy a checkpoint not yet written
         stage1.epoch_list("0,5")
     assert not new.exists() and sorted(p.name for p in run_dir.glob("stage2*")) == [] and not (run_dir / "recon.npy").exists()  # nothing written
