@@ -629,7 +629,15 @@ def test_stage1_writes_checkpoint_snapshot_latents(tiny):
         mu, _, sigma = vae.encoder(stage1.load_images("mnist", tiny.root)[:256].float() / 255)
     np.testing.assert_allclose(mu_z, mu.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sigma_z, sigma.numpy(), rtol=1e-5, atol=1e-6)
-    assert (run_dir / "stage1_recon.png").stat().st_size > 0
+    # stage1_recon.png: the first 16 training digits as they are in the first row (16 cells of 28 x 28
+    # with 1-pixel lines), their reconstructions in the second
+    from PIL import Image
+    recon = np.asarray(Image.open(run_dir / "stage1_recon.png"))
+    digits = stage1.load_images("mnist", tiny.root)[:16, 0].numpy()
+    assert recon.shape == (2 * 29 + 1, 16 * 29 + 1)
+    for i in range(16):
+        assert np.array_equal(recon[1:29, 1 + 29 * i:29 * (i + 1)], digits[i]), i
+    assert not np.array_equal(recon[30:58], recon[1:29])
     latents = json.loads((run_dir / "latents.json").read_text())  # what stage2.py and results/table1.py read
     assert latents["run_id"] == ck["config"]["run_id"] and latents["epoch"] == 2
     assert latents["loggamma_x"] == ck["model"]["loggamma_x"].item()
@@ -654,6 +662,7 @@ def test_stage2_writes_checkpoint_and_table3(tiny):
 
 
 def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path, monkeypatch):
+    from PIL import Image
     run_dir = copy_run(tiny, tmp_path / "run")
     r = run("sample.py", "--data", "mnist", "--out", run_dir, "--n", 30, "--batch-size", 16, env=IMPORTS_TO_STDERR)  # the command line once
     assert imported_torch_not_torchvision(r.stderr)  # its grid drawn without it
@@ -666,7 +675,8 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path, monkeypa
         x = np.load(run_dir / f"{name}.npy")
         assert x.shape == (30, 1, 28, 28) and x.dtype == np.float32 and np.isfinite(x).all()
         assert 0 <= x.min() and x.max() <= 1 and x.std() > 0
-        assert (run_dir / f"{name}.png").stat().st_size > 0
+        stage1.save_grid(torch.from_numpy(x), str(tmp_path / "expected.png"), nrow=10)  # its grid: these images
+        assert np.array_equal(*(np.asarray(Image.open(p)) for p in (run_dir / f"{name}.png", tmp_path / "expected.png"))), name
         fid.as_nchw(x)  # what sample.py writes, fid.py accepts
     # --recon reconstructs digits of the test split (a reconstruction FID compares them with it), not training ones
     test_split = stage1.load_images("mnist", tiny.root, train=False)
@@ -699,6 +709,11 @@ def test_sample_all_modes_then_refuses_a_changed_stage1(tiny, tmp_path, monkeypa
     (run_dir / "stage1.pt").unlink()
     os.link(run_dir / "stage1_e0001.pt", run_dir / "stage1.pt")
     assert "stage2.py --out" in refused(sample.main, ["--data", "mnist", "--out", run_dir, "--n", 4])
+    # nor does stage 2 resume on it: here with latents that match the new stage 1, as if it had been
+    # encoded again, so that only stage 2's own record of its stage-1 run can tell
+    latents = json.loads((run_dir / "latents.json").read_text())
+    (run_dir / "latents.json").write_text(json.dumps(dict(latents, epoch=1)))
+    assert "was trained on stage-1 run" in refused(stage2.main, ["--out", run_dir, "--resume", "--epochs", 3])
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
@@ -761,6 +776,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         assert f"cannot write {path}" in str(e.value.code) and "fix: free disk space" in str(e.value.code)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt", "stage1_recon.png"]
         assert checkpoint.read_bytes() == b"epoch 7" and grid.read_bytes() == b"old grid"
+    def interrupted(obj, f):  # Ctrl-C or a kill in the middle of a checkpoint: no 160 MB temporary either
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage1.save_atomic({"epoch": 8}, str(checkpoint))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt", "stage1_recon.png"] and checkpoint.read_bytes() == b"epoch 7"
     # a readable file that is not one of our checkpoints: one line, and not "delete it"
     monkeypatch.undo()
     torch.save({"config": {}}, tmp_path / "old.pt")
@@ -777,6 +799,12 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny, tmp_path):
         message = refused(stage1.main, ["--out", run_dir, "--resume", "--data-root", tiny.root, *flags])
         assert said in message and "fix: drop that flag" in message
     assert "--width 64 (the run's: 32)" in refused(stage2.main, ["--out", run_dir, "--resume", "--width", 64])
+    # without --resume, a folder that holds a run is not started afresh over it (a 400-epoch
+    # checkpoint overwritten after one epoch); with it, a folder without one is refused
+    for main, argv in ((stage1.main, ["--data-root", tiny.root, "--limit", 64, "--batch-size", 32]), (stage2.main, [])):
+        # (--epochs 1 and a small --limit: should the check go, a short run overwrites the checkpoint and this fails quickly)
+        assert "exists; fix: pass --resume to continue it" in refused(main, ["--out", run_dir, "--epochs", 1, *argv])
+    assert "--resume: no checkpoint at" in refused(stage1.main, ["--out", tmp_path / "empty", "--resume", "--data-root", tiny.root])
     assert (run_dir / "stage1.pt").stat().st_mtime_ns == mtime  # nothing written
     # the run's own values, given again, are fine; so is a new --epochs
     stage1.main(["--out", str(run_dir), "--resume", "--lr", "1e-4", "--seed", "1", "--epochs", "2", "--data-root", tiny.root])
@@ -850,6 +878,11 @@ def test_stage2_fixed_z_is_one_draw_per_image(tiny, tmp_path, monkeypatch):
         epochs = [{tuple(r.tolist()) for r in torch.cat(seen[e * 8:(e + 1) * 8])} for e in (0, 1)]
         assert (epochs[0] == epochs[1]) == bool(flags), flags
         (run_dir / "stage2.pt").unlink()
+    # --fixed-z stopped after epoch 1 and resumed: epoch 2 sees the same z as the uninterrupted run's
+    seen.clear()
+    stage2.main([str(a) for a in ["--out", run_dir, "--epochs", 1, *TINY2, "--fixed-z", "--mmd-n", 16]])
+    stage2.main([str(a) for a in ["--out", run_dir, "--epochs", 2, "--resume", "--mmd-n", 16]])
+    assert len(seen) == 16 and {tuple(r.tolist()) for r in torch.cat(seen[8:])} == epochs[1]
 
 
 def test_stage2_takes_a_gaussian_q_z_to_n01(tiny, tmp_path):
@@ -896,6 +929,12 @@ def test_aggregate_posterior_samples_draw_from_both_posteriors():
     z, _ = stage2.aggregate_posterior_samples(Stub(), mu_z, sigma_z, n=100)
     picked = z[:, 0].round().long()
     assert len(set(picked.tolist())) == 100 and picked.max() >= 100  # distinct, and not all among the first 100
+    # and each z has its own image's sigma_z: 0.01 for even images, 1 for odd ones, in dimension 1
+    sigma_z[:, 1] = torch.where(torch.arange(1000) % 2 == 0, 0.01, 1.0)
+    z, _ = stage2.aggregate_posterior_samples(Stub(), mu_z, sigma_z, n=1000)
+    picked = z[:, 0].round().long()
+    eps = (z[:, 1] - mu_z[picked, 1]) / sigma_z[picked, 1]
+    assert abs(eps[picked % 2 == 0].std() - 1) < 0.15 and abs(eps[picked % 2 == 1].std() - 1) < 0.15
 
 
 def test_table1_rows_are_mean_and_sample_std_over_trials():
@@ -1429,6 +1468,27 @@ def test_fid_frechet_matches_ttur_formula(fid_fixture):
     assert abs(aa / fid_fixture["fid_aa_half"] - 1) < 1e-6
     ba = fid.frechet_distance(*fid.statistics(b), *fid.statistics(a))  # tr sqrt(S1 S2) = tr sqrt(S2 S1)
     assert abs(ba / ab - 1) < 1e-9
+
+
+def test_fid_retries_with_eps_then_refuses(monkeypatch, capsys):
+    """sqrt(S1 S2) with an eigenvalue below -1e-6 (an imaginary root) or not finite: retried once with
+    eps on both diagonals, as TTUR, and said on stderr; still bad after it: a ValueError."""
+    s = np.eye(2)
+    calls = []
+    def eigenvalues(*spectra):
+        def product(s1, s2):
+            calls.append(s1[0, 0])
+            return np.array(spectra[min(len(calls), len(spectra)) - 1])
+        return product
+    monkeypatch.setattr(fid, "_product_eigenvalues", eigenvalues([-1e-3, 1.0], [0.25, 1.0]))
+    assert fid.frechet_distance(np.zeros(2), s, np.zeros(2), s) == pytest.approx(4 - 2 * (0.5 + 1))
+    assert calls == [1.0, 1.0 + 1e-6] and "adding 1e-06 to the diagonal" in capsys.readouterr().err
+    for spectrum in ([-1e-3, 1.0], [np.nan, 1.0]):
+        calls.clear()
+        monkeypatch.setattr(fid, "_product_eigenvalues", eigenvalues(spectrum))
+        with pytest.raises(ValueError, match="even with eps added"):
+            fid.frechet_distance(np.zeros(2), s, np.zeros(2), s)
+        assert len(calls) == 2
 
 
 def test_fid_analytic_cases():
