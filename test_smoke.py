@@ -1235,7 +1235,7 @@ def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch, ca
     matplotlib = pytest.importorskip("matplotlib") if not IN_CI else __import__("matplotlib")  # CI installs it
     import matplotlib.pyplot as plt
     for name, value in (("DATA", data_root), ("RUN", tmp_path / "nb_run"), ("FIXED", tmp_path / "nb_fixed"),
-                        ("NB_EPOCHS", 1), ("NB_LIMIT", 256), ("NB_TEST", 500)):
+                        ("NB_EPOCHS", 1), ("NB_FIXED_EPOCHS", 1), ("NB_LIMIT", 256), ("NB_TEST", 500)):
         monkeypatch.setenv(f"TWOSTAGE_{name}", str(value))
     monkeypatch.chdir(HERE)  # where Jupyter starts the notebook's kernel
 
