@@ -177,10 +177,15 @@ def load_reference_images(data, split, root):
     return load_images(data, root, train=(split == "train")).permute(0, 2, 3, 1).numpy()
 
 
+def reference_path(data, split, n, cache_dir):
+    """Where reference_stats caches the statistics of these reference images."""
+    return Path(cache_dir) / f"{data}-{split}-n{n}-seed{REF_SEED}-{PREPROC}.npz"
+
+
 def reference_stats(data, split, n, root, cache_dir, model, batch_size=50, device="cpu", progress=True):
     """(mu, sigma) of the reference set, from cache_dir if present (key fields checked), else computed."""
     key = {"data": data, "split": split, "n": int(n), "seed": REF_SEED, "preproc": PREPROC}
-    path = Path(cache_dir) / f"{data}-{split}-n{n}-seed{REF_SEED}-{PREPROC}.npz"
+    path = reference_path(data, split, n, cache_dir)
     if path.exists():
         with np.load(path) as z:
             stored = {k: (z[k].item() if k in z.files else None) for k in key}

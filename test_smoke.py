@@ -1003,6 +1003,13 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert json.loads((out / "learned-gamma" / "seed0" / "seconds.json").read_text()) == trial["seconds"]
     assert {"stage1_encode", "stage2", "sample_stage2", "fid_stage2", "fid_stage2_authors-minmax"} <= set(trial["seconds"])
     assert "stage1" not in trial["seconds"] and "stage1" in summary["trials"]["fixed-gamma/seed0"]["seconds"]
+    # the test digits' statistics timed on their own, by the first trial that scored (they are cached)
+    assert sum("fid_reference" in t["seconds"] for t in summary["trials"].values()) == 1
+    # and each call's time, machine and end: stage 2's two parts are two calls, summing to its time
+    steps = json.loads((out / "learned-gamma" / "seed0" / "steps.json").read_text())
+    assert steps == trial["steps"] and set(steps) == set(trial["seconds"]) and len(steps["stage2"]) == 2
+    assert all(sum(c["seconds"] for c in calls) == pytest.approx(trial["seconds"][k]) for k, calls in steps.items())
+    assert summary["machines"] == [table1.machine()] and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", steps["stage2"][1]["ended"])
     assert not re.search(r"^epoch \d+/\d+ .*loggamma_x", (out / "learned-gamma" / "seed0" / "log.txt").read_text(), re.M)
     assert re.search(r"^epoch 1/1 .*loggamma_x", (out / "fixed-gamma" / "seed0" / "log.txt").read_text(), re.M)
     # each row trained its own decoder's loss: the Gaussian with gamma = 1 costs at least d/2 log(2 pi)

@@ -16,9 +16,10 @@ seed, in its own directory <out>/<decoder>/seed<k>/. The learned-gamma trial giv
 Table 1 (2-stage sampling, and the same stage 1 sampled from N(0, I)); the other two give one each.
 Every row's FID is computed twice: in the standard convention (x * 255) and in the authors' (each
 generated image min-max rescaled first, as their fid_score.py does for the paper's numbers).
-Each trial writes trial.json (and seconds.json, each step's wall time as the step ends; a stage
-trained in several calls has the sum of its finished calls, below); the summary (mean +- std over seeds, the paper's numbers
-beside) is printed and written to --json.
+Each trial writes trial.json (and, as each step ends, seconds.json, its wall time, and steps.json,
+each call's time, machine and end: a stage trained in several calls has the sum of its finished
+calls, and "epoch_seconds" its epochs' times from the checkpoint); the summary (mean +- std over
+seeds, the paper's numbers beside) is printed and written to --json.
 
 Resumable: re-run the same command after an interruption. A step is skipped when its output is
 newer than its input; stage 1 and stage 2 continue from their checkpoints (--resume). With
@@ -127,6 +128,10 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     # full protocol) keeps the times of the steps it finished; trial.json's for trials done before
     seconds_path = os.path.join(d, "seconds.json")
     seconds = read_json(seconds_path) or (read_json(os.path.join(d, "trial.json")) or {}).get("seconds", {})
+    # and each call's machine and end (UTC): a trial that spans sessions may change machine kind,
+    # and the two kinds differ 1.7x in speed
+    steps_path = os.path.join(d, "steps.json")
+    steps = read_json(steps_path) or {}
     if "stage1_from" in seconds:  # trials written before 2026-11-26, 17:30 UTC kept the snapshot's path here
         seconds.pop("stage1_from")  # and the encoding pass's time under "stage1"
         if "stage1" in seconds:
@@ -134,8 +139,12 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     ck1, latents = os.path.join(d, "stage1.pt"), os.path.join(d, "latents.json")
 
     def timed(key, script, args, part=False):
-        seconds[key] = (seconds.get(key, 0) if part else 0) + run(script, args, log)  # a step run in parts: their sum
+        t = run(script, args, log)
+        seconds[key] = (seconds.get(key, 0) if part else 0) + t  # a step run in parts: their sum
+        call = {"seconds": t, "machine": machine(), "ended": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        steps[key] = (steps.get(key, []) if part else []) + [call]
         save_atomic(seconds, seconds_path)
+        save_atomic(steps, steps_path)
     record = {"stage1_from": snapshot} if snapshot else {}
     common = ["--data", a.data, "--out", d] + (["--device", a.device] if a.device else [])
     fid_common = ["--data", a.data, "--data-root", a.data_root, "--n", a.fid_ref_n, "--cache", a.fid_cache] + (["--device", a.device] if a.device else [])
@@ -147,6 +156,10 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     reference = {"data": a.data, "split": "test", "n": a.fid_ref_n, "seed": fid.REF_SEED}
 
     def score(npy, tag):
+        if not fid.reference_path(a.data, "test", a.fid_ref_n, a.fid_cache).exists():
+            # the test images' statistics, computed once for every FID and cached: timed on their own,
+            # so that each FID's time is one FID's
+            timed("fid_reference", "fid.py", fid_common)
         fids = {}
         for flag, suffix in [("", ".fid.json")] + ([("--authors-minmax", ".fid-authors-minmax.json")] if minmax else []):
             out = npy[:-len(".npy")] + suffix
@@ -228,7 +241,9 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                     if os.path.exists(old):
                         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
                 seconds.pop("stage2", None)
+                steps.pop("stage2", None)
                 save_atomic(seconds, seconds_path)
+                save_atomic(steps, steps_path)
             keep = [e for e in stage2_curve if e < e2]  # stage2.py's snapshots stage2_eNNNN.pt for the stage-2 curve
             snapshots = ["--snapshots", ",".join(map(str, keep))] if keep else []
             # stage 2 in parts that end at the curve's epochs, each snapshot scored as soon as it exists, so
@@ -264,7 +279,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     # finished, in this call or earlier ones) does not
     record["epoch_seconds"] = {f"stage{k}": epoch_seconds(ck) for k, ck in ((1, ck1), (2, os.path.join(d, "stage2.pt")))
                                if os.path.exists(ck)}
-    record["seconds"] = seconds
+    record["seconds"], record["steps"] = seconds, steps
     save_atomic(record, os.path.join(d, "trial.json"))
     print(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith(("fid", "loggamma", "mmd_stage", "active")) and v is not None), flush=True)
     return record
@@ -433,6 +448,8 @@ def main(argv=None):
             snapshot = None
             if long_run and same_run(long_run, loss, seed, a):  # the long run IS this trial's model, so far
                 snapshot = os.path.join(a.curve, f"stage1_e{a.stage1_epochs:04d}.pt")
+            elif long_run and loss == "learned-gamma":  # said, as it may mean hours of training here
+                print(f"{a.curve} has other settings than the trial {loss}, seed {seed}: it trains its own stage 1", flush=True)
             trials[(loss, seed)] = trial(d, loss, seed, a.stage1_epochs, a.stage2_epochs, a.n_fid, not a.no_minmax, a,
                                          snapshot, stage2_curve)
 
@@ -464,6 +481,8 @@ def main(argv=None):
                    + (", fid_minmax: the authors' per-image min-max" if trials and not a.no_minmax else ""),
                    **({"curve_stage2_epochs": a.stage2_epochs, "curve_n_fid": a.curve_n_fid} if curve else {})},
         "machine": machine(), "date": datetime.date.today().isoformat(), "versions": versions(),
+        # the machines the trials' steps ran on (in the trials' "steps"), which may differ from the one writing this
+        "machines": sorted({call["machine"] for t in trials.values() for calls in t["steps"].values() for call in calls}),
         "command": "python results/table1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
         "paper": {"rows": {k: {"fid": v, "std": std} for k, (v, std) in PAPER[a.data].items()},
@@ -483,13 +502,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = read_json(path) or {}
     last = (old.get(a.json_key) or {}) if a.json_key else old  # what the previous call wrote, and plotted
-    if a.json_key:  # one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
-        summary["json_key"] = a.json_key
-        save_atomic({**old, a.json_key: summary}, path)
-    else:  # the whole file, except the entries other calls wrote there with --json-key
-        save_atomic({**{k: v for k, v in old.items() if isinstance(v, dict) and v.get("json_key") == k}, **summary}, path)
     # a plot is redrawn when its points or budget changed, or it is missing or older than this script
-    # (make's rule): a call that finds everything done leaves a committed PNG as it is
+    # (make's rule): a call that finds everything done leaves a committed PNG as it is. Plots first,
+    # the JSON last: a kill between them leaves the old JSON, so the next call redraws
     redraw = lambda png, key: not (newer(png, __file__) and last.get(key) == summary[key] and last.get("budget") == summary["budget"])
     png = a.plot or os.path.join(os.path.dirname(path), f"{a.data}_budget_curve.png")
     if curve and redraw(png, "budget_curve"):
@@ -497,6 +512,11 @@ def main(argv=None):
     png = a.stage2_plot or os.path.join(os.path.dirname(path), f"{a.data}_stage2_curve.png")
     if "stage2_curve" in summary and redraw(png, "stage2_curve"):
         plot_stage2_curve(summary["stage2_curve"], png, a.n_fid, a.fid_ref_n, a.data, a.stage1_epochs)
+    if a.json_key:  # one entry of a larger file (e.g. results/mnist_table1.json's full_protocol), the rest kept
+        summary["json_key"] = a.json_key
+        save_atomic({**old, a.json_key: summary}, path)
+    else:  # the whole file, except the entries other calls wrote there with --json-key
+        save_atomic({**{k: v for k, v in old.items() if isinstance(v, dict) and v.get("json_key") == k}, **summary}, path)
 
     if rows:
         print(f"\nTable 1, {a.data}: {a.stage1_epochs} + {a.stage2_epochs} epochs, seeds {a.seeds}, FID of {a.n_fid} samples "
