@@ -443,10 +443,7 @@ def main(argv=None):
         die(f"--batch-size {cfg['batch_size']}: BatchNorm needs at least 2 images a batch; fix: pass --batch-size 2 or more")
     if cfg["arch"] == "wae" and cfg["data"] != "celeba":  # before the data are read (VAE() checks the shape again)
         die(f"--arch wae is defined for 64x64 RGB images (celeba), not {cfg['data']}; fix: use --arch infogan")
-    try:  # the output folder now, not after minutes of reading the data
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        die(f"cannot make the folder --out {out} ({type(e).__name__}: {e}); fix: pass another --out")
+    check_out_folder(out)
     torch.manual_seed(cfg["seed"])
 
     images = load_images(cfg["data"], args.data_root, train=True)
@@ -550,6 +547,19 @@ def check_device(name):
         die(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) on this machine; "
             f"fix: pass --device cpu{', or cuda:0 to cuda:' + str(torch.cuda.device_count() - 1) if torch.cuda.device_count() else ''}")
     return name
+
+
+def check_out_folder(out):
+    """--out, checked before the data are read, without making it (a run that stops at the data
+    leaves nothing behind): a file in the way, or a folder this process cannot write into, is one
+    line now rather than a traceback at the first checkpoint."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the nearest part of the path that exists: the folders below it get made
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        die(f"cannot make the folder --out {out}: {parent} is a file; fix: pass another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        die(f"cannot write into {parent} for --out {out}; fix: pass another --out")
 
 
 def rng_state():

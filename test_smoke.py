@@ -844,7 +844,8 @@ def test_bad_flag_values_are_refused_in_one_line_before_anything_is_written(tiny
     assert "--data fashion (the run's: mnist)" in refused(stage1.main, ["--out", run_dir, "--resume", "--data", "fashion"])
     a_file = tmp_path / "a-file"  # --out naming a file: refused before the data are read (none at this root)
     a_file.write_bytes(b"")
-    assert "cannot make the folder --out" in refused(stage1.main, ["--out", a_file, "--data-root", tmp_path / "no-data"])
+    for out in (a_file, a_file / "run"):
+        assert f"cannot make the folder --out {out}: {a_file} is a file" in refused(stage1.main, ["--out", out, "--data-root", tmp_path / "no-data"])
     with pytest.raises(argparse.ArgumentTypeError):  # an epoch-0 snapshot would copy a checkpoint not yet written
         stage1.epoch_list("0,5")
     assert not new.exists() and sorted(p.name for p in run_dir.glob("stage2*")) == [] and not (run_dir / "recon.npy").exists()  # nothing written
