@@ -139,10 +139,10 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     ck1, latents = os.path.join(d, "stage1.pt"), os.path.join(d, "latents.json")
 
     def timed(key, script, args, part=False):
-        t = run(script, args, log)
-        seconds[key] = (seconds.get(key, 0) if part else 0) + t  # a step run in parts: their sum
-        call = {"seconds": t, "machine": machine(), "ended": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        call = {"seconds": run(script, args, log), "machine": machine(),
+                "ended": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         steps[key] = (steps.get(key, []) if part else []) + [call]
+        seconds[key] = round(sum(c["seconds"] for c in steps[key]), 1)  # a step run in parts: their sum
         save_atomic(seconds, seconds_path)
         save_atomic(steps, steps_path)
     record = {"stage1_from": snapshot} if snapshot else {}
