@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1056,6 +1057,17 @@ def test_table1_driver_runs_resumes_and_summarises(data_root, tmp_path, monkeypa
     assert {p: p.read_text() for p in out.rglob("log.txt")} == logs  # nothing re-ran
     written = json.loads((tmp_path / "t1.json").read_text())
     assert written["rows"] == summary["rows"] and written["full"] == summary and "reduced" not in written
+    # a trial folder whose file times were reshuffled (copied without them, restored from a backup):
+    # stage 1 is not re-encoded nor stage 2 refitted (hours in the full protocol), as their outputs name
+    # what they were made from; only sampling and FIDs, which go by file times, may run again
+    learned = out / "learned-gamma" / "seed0"
+    for age, name in enumerate(["latents.json", "mu_z.npy", "sigma_z.npy", "stage1.pt", "stage2.json", "stage2.pt"]):
+        os.utime(learned / name, (time.time() - 1000 * age,) * 2)  # latents newest, stage 2 oldest
+    before = (learned / "log.txt").read_text()
+    table1.main(args)
+    new = [c.split()[2] for c in (learned / "log.txt").read_text()[len(before):].splitlines() if c.startswith("$ python ")]
+    assert "stage1.py" not in new and "stage2.py" not in new, new
+    assert json.loads((tmp_path / "t1.json").read_text())["full"]["rows"] == summary["rows"]
     # a fit killed after its last epoch, before stage2.json was written: the re-run resumes stage 2 with
     # nothing to train, which writes it, then samples and scores again, and the numbers are the same
     learned = out / "learned-gamma" / "seed0"

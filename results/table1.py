@@ -193,6 +193,7 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
             die(f"{snapshot} is missing; fix: let the run in {os.path.dirname(snapshot)} reach epoch {e1} with {e1} in "
                 "its --snapshots, or drop --curve to train this trial's stage 1 itself")
         copy_atomic(snapshot, ck1)
+    have = None
     if os.path.exists(ck1):  # a trial directory left by other settings (a test's --limit, say) is not this trial
         have = load_checkpoint(ck1, keys=("config", "epoch"))
         if not same_run(have["config"], loss, seed, a):
@@ -203,8 +204,12 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
             if [have["config"]["run_id"], have["epoch"]] != [snap["config"]["run_id"], snap["epoch"]]:
                 die(f"{ck1} is not a copy of {snapshot} (another run, or another epoch); fix: delete {d} to start "
                     "this trial from that snapshot")
+    # What a step's outputs were made from is read from the outputs, not from file times: the latents
+    # name their checkpoint's run and epoch, and stage 2's checkpoint and summary the latents' (a runs/
+    # folder copied or restored keeps what its files say, not always their times). Only the steps of minutes
+    # (sampling, FID) go by file times (newer), so that a stage 2 of hours is never refitted by mistake.
     done = read_json(latents)
-    if not (done and done["epoch"] == e1 and newer(latents, ck1)):
+    if not (done and have and done["epoch"] == have["epoch"] == e1 and done.get("run_id") == have["config"]["run_id"]):
         resume = ["--resume"] if os.path.exists(ck1) else ["--loss", loss, "--seed", seed, "--limit", a.limit]
         # from a snapshot, stage1.py only encodes (its epochs were trained in the long run: epoch_seconds);
         # a stage 1 trained here and extended later sums its calls
@@ -232,10 +237,12 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
     # stage 2, for the learned-gamma decoder only (the 2-Stage VAE's first stage)
     if loss == "learned-gamma":
         ck2, summary2 = os.path.join(d, "stage2.pt"), os.path.join(d, "stage2.json")
+        these_latents = [done["run_id"], done["epoch"]]
+        fitted_to = lambda stage1_run: [stage1_run.get("run_id"), stage1_run.get("epoch")] == these_latents
         done2 = read_json(summary2)
-        if not (done2 and done2["epoch"] == e2 and newer(summary2, latents) and os.path.exists(ck2)):
-            if os.path.exists(ck2) and not newer(ck2, latents):
-                os.remove(ck2)  # fitted to older latents: stage 2 starts again
+        if not (done2 and done2["epoch"] == e2 and fitted_to(done2.get("stage1", {})) and os.path.exists(ck2)):
+            if os.path.exists(ck2) and not fitted_to(load_checkpoint(ck2, keys=("stage1",))["stage1"]):
+                os.remove(ck2)  # fitted to another stage 1's latents: stage 2 starts again
             if not os.path.exists(ck2):  # a new fit: no snapshot, curve point, summary or training time of an older one may survive it
                 for old in glob.glob(os.path.join(d, "stage2_e*")) + [summary2]:
                     if os.path.exists(old):
