@@ -1187,14 +1187,19 @@ def test_course_experiments_run_resume_and_answer(data_root, tmp_path, monkeypat
     args = [str(a) for a in ["--seeds", 3, "--limit", 128, "--epochs", 2, "--budget-epochs", "1,2", "--kappas", "4,64",
                              "--stage2-epochs", 1, "--n-fid", 2, "--n-ref", 2, "--out", out, "--json", tmp_path / "e.json",
                              "--plots", tmp_path, "--data-root", data_root]]
-    def unwritten(*args, **kwargs):  # an exercise's body in the student copy
-        raise NotImplementedError("Exercise N: ...")
+    def unwritten(n):  # an exercise's body in the student copy
+        def body(*args, **kwargs):
+            raise NotImplementedError(f"Exercise {n}: ...")
+        return body
 
     with monkeypatch.context() as m:  # a student copy with two exercises unwritten: refused before any training
-        m.setattr(stage1, "encode", unwritten)
-        m.setattr(stage2, "mmd_to_standard_normal", unwritten)
+        m.setattr(stage1, "encode", unwritten(5))
+        m.setattr(stage2, "mmd_to_standard_normal", unwritten(9))
         with pytest.raises(SystemExit, match=r'exercises 5, 9 raise NotImplementedError .*-k "ex5 or ex9"'):
             experiments.main(args)
+    with monkeypatch.context() as m:  # exercise 1 unwritten: named alone, though exercise 4's stage1_loss calls it
+        m.setattr(stage1, "gaussian_nll", unwritten(1))
+        assert experiments.unwritten_exercises() == [1]
     assert not out.exists() and not (tmp_path / "e.json").exists()
     rng = torch.get_rng_state()
     assert experiments.unwritten_exercises() == []  # all nine written: nothing refused
