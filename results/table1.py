@@ -205,9 +205,10 @@ def trial(d, loss, seed, e1, e2, n_fid, minmax, a, snapshot=None, stage2_curve=(
                 die(f"{ck1} is not a copy of {snapshot} (another run, or another epoch); fix: delete {d} to start "
                     "this trial from that snapshot")
     # What a step's outputs were made from is read from the outputs, not from file times: the latents
-    # name their checkpoint's run and epoch, and stage 2's checkpoint and summary the latents' (a runs/
-    # folder copied or restored keeps what its files say, not always their times). Only the steps of minutes
-    # (sampling, FID) go by file times (newer), so that a stage 2 of hours is never refitted by mistake.
+    # name their checkpoint's run and epoch, and stage 2's checkpoint and summary the latents' (a
+    # runs/ folder copied or restored keeps what its files say, not always their times). Only the
+    # steps of minutes (sampling, FID) go by file times (newer), so that a stage 2 of hours is never
+    # refitted by mistake.
     done = read_json(latents)
     if not (done and have and done["epoch"] == have["epoch"] == e1 and done.get("run_id") == have["config"]["run_id"]):
         resume = ["--resume"] if os.path.exists(ck1) else ["--loss", loss, "--seed", seed, "--limit", a.limit]
