@@ -1336,7 +1336,8 @@ def test_stage2_refuses_bad_latents(stage2_without_stage1, tiny, tmp_path):
 def test_student_copy_blanks_exactly_the_nine_exercises(tmp_path):
     """course/make_student_copy.py: each marked function keeps its signature and docstring and its
     body becomes one raise NotImplementedError("Exercise N: ..."); every other line of every file
-    is the repository's; the experiments' measured answers are left out."""
+    is the repository's; the experiments' measured answers are left out, and the copy's
+    course/README.md, which links to them, says so at its top."""
     import ast
     student = tmp_path / "student"
     found = load_script(HERE / "course" / "make_student_copy.py").main([str(student)])
@@ -1350,9 +1351,13 @@ def test_student_copy_blanks_exactly_the_nine_exercises(tmp_path):
     assert not any((student / rel).exists() for rel in answers)
     marked = {rel for _, _, rel in found}
     assert marked == {"stage1.py", "stage2.py", "sample.py", "fid.py"}
+    readme = (student / "course" / "README.md").read_text()
+    note = readme[:len(readme) - len((HERE / "course" / "README.md").read_text())]
+    assert readme.endswith((HERE / "course" / "README.md").read_text()) and note.startswith("> **This is the student copy.**")
+    assert all(name in note for name in ("experiments.json", "gamma.png", "kappa.png", "budget.png", "course/experiments.py"))
     for path in student.rglob("*"):
         rel = str(path.relative_to(student))
-        if path.is_file() and rel not in marked:
+        if path.is_file() and rel not in marked and rel != "course/README.md":
             assert path.read_bytes() == (HERE / rel).read_bytes(), rel
     for rel in marked:
         text = (HERE / rel).read_text()

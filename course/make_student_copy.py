@@ -2,7 +2,8 @@
 its signature and docstring, and its body becomes `raise NotImplementedError("Exercise N: ...")`.
 Nothing else differs, but for the experiments' measured answers (course/experiments.json and the
 plots beside it), which the copy leaves out: a student's own run of course/experiments.py writes
-them, and would otherwise be merged into ours.
+them, and would otherwise be merged into ours. A note at the top of the copy's course/README.md
+says so, as that page links to the plots.
 
     python course/make_student_copy.py ../twostage-student   # then, in the copy:
     pytest -q course/test_exercises.py                         # 9 failures, one per exercise
@@ -21,6 +22,12 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = re.compile(r"^\s*# Exercise (\d+): (.+?)\s*$")
 SKIP = {".git", ".venv", "runs", "data", "__pycache__", ".pytest_cache"}
+STUDENT_NOTE = """> **This is the student copy.** The nine exercises' bodies are blank, and the experiments'
+> measured answers (`experiments.json` and the plots `gamma.png`, `kappa.png` and `budget.png` that
+> this page links to) are left out: once the nine graders pass, `python course/experiments.py`
+> writes your own, and the links below open them. The numbers quoted on this page are ours.
+
+"""
 
 
 def is_answer(rel):
@@ -97,6 +104,9 @@ def main(argv=None):
             with open(out, "w", encoding="utf-8") as f:
                 f.write(text)
             shutil.copymode(src, out)
+        elif rel == "course/README.md":  # its links to the plots the copy leaves out: say why they are missing
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(STUDENT_NOTE + open(src, encoding="utf-8").read())
         else:
             shutil.copy2(src, out)
     os.replace(tmp, dest)

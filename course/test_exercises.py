@@ -67,7 +67,14 @@ def test_ex1_gaussian_nll():
                  "the constant d/2 log(2 pi) dropped": ref - d * 0.5 * math.log(2 * math.pi),
                  "a mean over pixels where eq. (8) sums them": ref / d,
                  "a mean over pixels in |x - x_hat|^2 where eq. (8) sums them": sq / d * torch.exp(-2 * loggamma) / 2 + norm,
-                 "d counted as H x W, without the channels (d = C x H x W: x[0].numel())": ref - 50 * (loggamma + 0.5 * math.log(2 * math.pi))}
+                 "d counted as H x W, without the channels (d = C x H x W: x[0].numel())": ref - 50 * (loggamma + 0.5 * math.log(2 * math.pi)),
+                 "d counted over the whole batch (x.numel()) where it is one example's pixels (x[0].numel())":
+                     ref + 5 * d * (loggamma + 0.5 * math.log(2 * math.pi)),
+                 "loggamma not multiplied by d (the normaliser is d/2 log(2 pi gamma^2) = d loggamma + d/2 log(2 pi))":
+                     sq * torch.exp(-2 * loggamma) / 2 + loggamma + d * 0.5 * math.log(2 * math.pi),
+                 "the 1/2 in |x - x_hat|^2 / (2 gamma^2) missing": sq * torch.exp(-2 * loggamma) + norm,
+                 "twice the value: eq. (8) is -2 log p(x|z) (under an integral), and this function returns -log p, "
+                 "half of eq. (8)'s integrand": 2 * ref}
         found = [h for h, v in hints.items() if close(out, v)]
         check(False, 1, f"-log N(x | x_hat, gamma^2 I) is off: {found[0].strip() if found else 'compare with eq. (8)'}")
     # at x = x_hat only the normaliser remains: d (loggamma + log(2 pi) / 2)
@@ -133,6 +140,12 @@ def test_ex3_reparameterize():
     eps = ((z - mu) / sigma).detach()
     check(offdiag_corr(eps) < 0.05, 3, "the noise of different dimensions is correlated: eps ~ N(0, I) needs one "
           "independent value per entry (torch.randn_like(mu)), not one value per row")
+    # the right mean and spread are not enough: the noise must be Gaussian. Of 60,000 N(0, 1) draws,
+    # 4.55 % lie beyond 2 standard deviations (give or take 0.09 %); unit-variance uniform noise has none
+    tail = (eps.abs() > 2).double().mean().item()
+    check(abs(tail - 0.0455) < 0.006, 3, f"the noise is not Gaussian ({100 * tail:.2f} % of it beyond 2 standard deviations, "
+          "N(0, 1) has 4.55 %): eps ~ N(0, I) is torch.randn_like(mu); rescaled uniform noise, say, has the "
+          "right spread but not the shape")
     check(mu.grad is not None and bool(mu.grad.any()), 3, "no gradient reaches mu: torch.normal(mu, sigma) or a "
           "detached draw; write z = mu + sigma * eps (the reparameterisation trick)")
     check(close(mu.grad, torch.ones_like(mu)), 3, "dz/dmu must be 1")
