@@ -105,7 +105,8 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     TTUR and pytorch-fid retry with eps * I added to both covariances when scipy's sqrtm returns
     non-finite values, and raise when the root's diagonal has an imaginary part above 1e-3. Here:
     retry when an eigenvalue is non-finite or below -1e-6 (a root with an imaginary part above
-    1e-3), raise if the retry still gives one. Rare either way: B^T S1 B is PSD by construction."""
+    1e-3), raise ValueError if the retry still gives one. Rare either way: B^T S1 B is PSD by
+    construction."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
     d = len(mu1)

@@ -403,8 +403,8 @@ def encode(model, images, batch=1000):
     q(z|x) itself, so that stage 2 can draw a fresh z for every batch (stage2.fresh_z). The encoder
     takes floats in [0, 1] (uint8 / 255, as in training); `batch` images go through it at a time,
     which bounds memory and, in evaluation mode, changes no number. Images may be on the CPU, the
-    model anywhere; the arrays come back on the CPU. model.encoder(x) -> (mu_z, log_sigma_z,
-    sigma_z), each (B, kappa)."""
+    model anywhere; the arrays come back on the CPU, the model left in evaluation mode.
+    model.encoder(x) -> (mu_z, log_sigma_z, sigma_z), each (B, kappa)."""
     model.eval()
     device = next(model.parameters()).device
     mus, sigmas = [], []
