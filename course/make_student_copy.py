@@ -6,7 +6,7 @@ them, and would otherwise be merged into ours. A note at the top of the copy's c
 says so, as that page links to the plots.
 
     python course/make_student_copy.py ../twostage-student   # then, in the copy:
-    pytest -q course/test_exercises.py                         # 9 failures, one per exercise
+    python -m pytest -q course/test_exercises.py               # 9 failures, one per exercise
 
 The copy takes the files git tracks (so no runs/, data/ or .venv/); outside a git checkout, every
 file except those folders. The exercises and what grades them: course/README.md.
@@ -112,7 +112,7 @@ def main(argv=None):
     os.replace(tmp, dest)
     for n, title, rel in sorted(exercises):
         print(f"Exercise {n}: {title}  ({rel})")
-    print(f"wrote {dest}: {len(exercises)} exercises; grade them with `pytest -q course/test_exercises.py` there")
+    print(f"wrote {dest}: {len(exercises)} exercises; grade them with `python -m pytest -q course/test_exercises.py` there")
     return exercises
 
 

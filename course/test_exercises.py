@@ -2,8 +2,8 @@
 on its own, with seeded inputs, closed forms and properties; none compares with a copy of the
 solution. A failure names the exercise and, where it can tell, the usual mistake behind it.
 
-    pytest -q course/test_exercises.py           # all nine, a few seconds on a 2-core CPU
-    pytest -q course/test_exercises.py -k ex3    # one exercise
+    python -m pytest -q course/test_exercises.py          # all nine, a few seconds on a 2-core CPU
+    python -m pytest -q course/test_exercises.py -k ex3   # one exercise
 
 On the student copy (python course/make_student_copy.py DIR) every test fails with its exercise's
 NotImplementedError until the function is written. test_smoke.py runs these tests too.
