@@ -38,6 +38,7 @@ log gamma is 2 * loggamma_x. `# Exercise N` marks the functions course/ blanks o
 import argparse
 import contextlib
 import ctypes
+import glob
 import json
 import math
 import os
@@ -718,7 +719,10 @@ def load_checkpoint(path, keys=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=keys is not None)
     except Exception as e:
-        die(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); fix: delete it and start again without --resume")
+        # a kept snapshot saves the epochs up to it (not the same file: at a snapshot epoch the checkpoint is its link)
+        snapshots = [s for s in sorted(glob.glob(f"{os.path.splitext(path)[0]}_e[0-9]*.pt")) if not os.path.samefile(s, path)]
+        keep = f"copy its newest snapshot, {snapshots[-1]}, over it to continue from there (--resume), or " if snapshots else ""
+        die(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); fix: {keep}delete it and start again without --resume")
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys or ()):
         what = "is not a dict" if not isinstance(ckpt, dict) else f"has no {', '.join(k for k in keys if k not in ckpt)} entry"
         die(f"{path} {what}: not a checkpoint of this version of these scripts; fix: pass the --out of a run they "

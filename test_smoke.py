@@ -753,7 +753,8 @@ def test_a_snapshot_epochs_checkpoint_links_without_writing_into_old_files(tmp_p
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     """save_atomic, copy_atomic, link_atomic's copy (no hard links) and save_grid on a full disk: one
     line naming the file and the fix, the old file as it was, no temporary (160 MB for a checkpoint)
-    left beside it."""
+    left beside it. And reading: a file that is not our checkpoint, or is unreadable (the fix then
+    names the newest kept snapshot)."""
     checkpoint, grid = tmp_path / "stage1.pt", tmp_path / "stage1_recon.png"
     checkpoint.write_bytes(b"epoch 7")
     grid.write_bytes(b"old grid")
@@ -790,6 +791,22 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     with pytest.raises(SystemExit) as e:
         stage1.load_checkpoint(str(tmp_path / "old.pt"), keys=("config", "epoch"))
     assert "has no epoch entry" in str(e.value.code) and "delete" not in str(e.value.code)
+    # an unreadable checkpoint: the fix names its newest kept snapshot, so that the epochs up to it
+    # are not trained again; a snapshot that is the same file (a snapshot epoch's link) is not one
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stage2.pt").write_bytes(b"half a checkpoint")
+    def unreadable():
+        with pytest.raises(SystemExit) as e:
+            stage1.load_checkpoint(str(run / "stage2.pt"), keys=("epoch",))
+        return str(e.value.code)
+    assert "snapshot" not in unreadable() and "fix: delete it and start again without --resume" in unreadable()
+    torch.save({"epoch": 100}, run / "stage2_e0100.pt")
+    (run / "stage2.pt").unlink()
+    (run / "stage2_e0200.pt").write_bytes(b"half a checkpoint")
+    os.link(run / "stage2_e0200.pt", run / "stage2.pt")
+    message = unreadable()
+    assert f"cannot read checkpoint {run / 'stage2.pt'}" in message and f"copy its newest snapshot, {run / 'stage2_e0100.pt'}," in message
 
 
 def test_resume_refuses_flags_that_would_change_the_run(tiny, tmp_path):
