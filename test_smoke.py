@@ -1368,9 +1368,9 @@ def test_student_copy_blanks_exactly_the_nine_exercises(tmp_path):
     assert not any((student / rel).exists() for rel in answers)
     marked = {rel for _, _, rel in found}
     assert marked == {"stage1.py", "stage2.py", "sample.py", "fid.py"}
-    readme = (student / "course" / "README.md").read_text()
-    note = readme[:len(readme) - len((HERE / "course" / "README.md").read_text())]
-    assert readme.endswith((HERE / "course" / "README.md").read_text()) and note.startswith("> **This is the student copy.**")
+    readme, ours = (student / "course" / "README.md").read_text(), (HERE / "course" / "README.md").read_text()
+    note = readme[:len(readme) - len(ours)]
+    assert readme.endswith(ours) and note.startswith("> **This is the student copy.**")
     assert all(name in note for name in ("experiments.json", "gamma.png", "kappa.png", "budget.png", "course/experiments.py"))
     for path in student.rglob("*"):
         rel = str(path.relative_to(student))
