@@ -962,6 +962,30 @@ def test_table1_rows_are_mean_and_sample_std_over_trials():
     assert table1.mean_std([5.0]) == {"fid": 5.0, "std": None, "n_trials": 1, "values": [5.0]}
 
 
+def test_readme_table_quotes_the_committed_results():
+    """README.md's Table 1 is copied by hand from results/mnist_table1.json: each of our cells, the
+    min-max FID and then the standard one in brackets, must be the JSON's, to the two decimals shown."""
+    results = json.loads((HERE / "results" / "mnist_table1.json").read_text())
+    columns = (results["full_protocol"]["rows"], results["rows"])  # 400 + 800, then 10 + 20 epochs
+    table = {}
+    for line in (HERE / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in ("2-Stage VAE (u -> z -> x)", "VAE, learned gamma (z ~ N(0, I))",
+                                            "VAE, fixed gamma = 1", "VAE, cross-entropy"):
+            table[cells[0]] = cells[1:3]
+    assert len(table) == 4, f"README.md's Table 1 rows not found: {sorted(table)}"
+    keys = {"2-Stage VAE (u -> z -> x)": "two_stage", "VAE, learned gamma (z ~ N(0, I))": "vae_learned_gamma",
+            "VAE, fixed gamma = 1": "vae_fixed_gamma", "VAE, cross-entropy": "vae_cross_entropy"}
+    for name, cells in table.items():
+        for cell, rows in zip(cells, columns):
+            row = rows.get(keys[name])
+            if row is None:
+                assert cell == "not run", f"{name}: README says {cell!r}, the JSON has no such row"
+                continue
+            minmax = "-" if row.get("fid_minmax") is None else f"{row['fid_minmax']:.2f}"
+            assert cell == f"{minmax} ({row['fid']:.2f})", f"{name}: README says {cell!r}, the JSON {minmax} ({row['fid']:.2f})"
+
+
 def test_table1_names_the_machine_kind(tmp_path):
     """The results' "machine" says which of the two CPU kinds (they differ in speed and rounding)."""
     for flags, kind in (("fpu sse2 avx2 avx512f avx512bw", "AVX-512"), ("fpu sse2 avx avx2 fma", "AVX2 only"), ("fpu sse2", "no AVX2")):
