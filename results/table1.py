@@ -347,21 +347,24 @@ def plot_stage2_curve(points, path, n_fid, ref_n, data, stage1_epochs):
              lines, ("loggamma_z", [p["loggamma_z"] for p in points]),
              f"{data.upper() if data == 'mnist' else data}: 2-stage FID against the stage-2 budget "
              f"(stage 1: {stage1_epochs} epochs)", ncol=2, bottom=0.1,
-             paper=(PAPER[data]["two_stage"][0], {"color": "C2", "ls": ":",
-                                                  "label": f"the paper's, {PAPER[data]['two_stage'][0]} (min-max, 10 seeds)"}))
+             paper=(*PAPER[data]["two_stage"], {"color": "C2", "ls": ":",
+                                                "label": "the paper's, {} +- {} (min-max, 10 seeds)".format(*PAPER[data]["two_stage"])}))
 
 
 def fid_plot(path, epochs, xlabel, ylabel, lines, right, title, ncol, bottom, paper=None):
     """FID curves against epochs on a log axis, a loggamma on the right axis (dashed), the legend
-    below the axes, clear of the curves; written atomically (matplotlib, only for these plots)."""
+    below the axes, clear of the curves; paper: (mean, std, line style) of the paper's number, a
+    line over its one-std band; written atomically (matplotlib, only for these plots)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for values, style, kw in lines:
         ax.plot(epochs, values, style, **kw)
-    if paper:
-        ax.axhline(paper[0], **paper[1])
+    if paper:  # its mean, and its one-std band over seeds, shaded
+        mean, std, kw = paper
+        ax.axhline(mean, **kw)
+        ax.axhspan(mean - std, mean + std, color=kw["color"], alpha=0.12, lw=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xscale("log")
