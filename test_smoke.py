@@ -1321,6 +1321,13 @@ def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch, ca
             for i, cell in enumerate(cells):
                 source = "".join(cell["source"])
                 assert not re.search(r"^\s*[%!]|get_ipython|display\(", source, re.M), f"code cell {i} needs IPython"
+                if "samples_stage1" in source:  # the FIDs table1.py leaves beside a run: shown in both conventions,
+                    run = tmp_path / "nb_run"  # a stale one (older than the model it scored) not at all
+                    for name, fid_value, convention in (("samples.fid", 12.25, fid.STANDARD), ("samples.fid-authors-minmax", 13.5, fid.AUTHORS),
+                                                        ("samples_stage1.fid", 51.0, fid.STANDARD)):
+                        (run / f"{name}.json").write_text(json.dumps({"fid": fid_value, "n": 10000, "convention": convention,
+                                                                      "reference": {"n": 10000, "split": "test"}}))
+                    os.utime(run / "samples_stage1.fid.json", (os.path.getmtime(run / "latents.json") - 60,) * 2)
                 exec(compile(source, f"theory.ipynb code cell {i}", "exec"), namespace)
     finally:  # the notebook switches gradients off for its whole session; leave this one as it was
         torch.set_grad_enabled(grad)
@@ -1328,6 +1335,9 @@ def test_theory_notebook_runs_top_to_bottom(data_root, tmp_path, monkeypatch, ca
         matplotlib.use(backend)
     text = capsys.readouterr().out
     assert "used dimensions (mean sigma_z^2 < 0.5)" in text and "stage 2: q(u)" in text
+    assert f"2-stage: FID 12.25 (10000 samples vs 10000 test images, {fid.STANDARD})" in text
+    assert f"2-stage: FID 13.50 (10000 samples vs 10000 test images, {fid.AUTHORS})" in text
+    assert "1-stage: no FID yet" in text and "FID 51.00" not in text
     assert len(shown) == 5 and min(shown) > 5000  # Figure 1a, the variances, Figure 1b, Figure 2, the samples
     assert (tmp_path / "nb_run" / "stage2.pt").exists() and (tmp_path / "nb_fixed" / "stage1.pt").exists()
 
