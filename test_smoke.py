@@ -967,15 +967,14 @@ def test_readme_table_quotes_the_committed_results():
     min-max FID and then the standard one in brackets, must be the JSON's, to the two decimals shown."""
     results = json.loads((HERE / "results" / "mnist_table1.json").read_text())
     columns = (results["full_protocol"]["rows"], results["rows"])  # 400 + 800, then 10 + 20 epochs
+    keys = {"2-Stage VAE (u -> z -> x)": "two_stage", "VAE, learned gamma (z ~ N(0, I))": "vae_learned_gamma",
+            "VAE, fixed gamma = 1": "vae_fixed_gamma", "VAE, cross-entropy": "vae_cross_entropy"}
     table = {}
     for line in (HERE / "README.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 4 and cells[0] in ("2-Stage VAE (u -> z -> x)", "VAE, learned gamma (z ~ N(0, I))",
-                                            "VAE, fixed gamma = 1", "VAE, cross-entropy"):
+        if len(cells) == 4 and cells[0] in keys:
             table[cells[0]] = cells[1:3]
     assert len(table) == 4, f"README.md's Table 1 rows not found: {sorted(table)}"
-    keys = {"2-Stage VAE (u -> z -> x)": "two_stage", "VAE, learned gamma (z ~ N(0, I))": "vae_learned_gamma",
-            "VAE, fixed gamma = 1": "vae_fixed_gamma", "VAE, cross-entropy": "vae_cross_entropy"}
     for name, cells in table.items():
         for cell, rows in zip(cells, columns):
             row = rows.get(keys[name])
